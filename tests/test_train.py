@@ -1,0 +1,238 @@
+"""Training end to end on a tiny local corpus: every attention variant, exact resume, checkpoints,
+wandb offline logging, and every bad input the README promises a one-line error for."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, compose_config, tiny_overrides
+from training.checkpoint import CheckpointError, load_checkpoint
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in metrics(out_dir) if "train_loss" in r}
+
+
+@pytest.mark.parametrize("attention", ["mha", "gqa", "mqa", "mla"])
+def test_few_steps_per_variant(attention, corpus, data_cache, tmp_path):
+    out = tmp_path / attention
+    cfg = compose_config(tiny_overrides(corpus, data_cache, out) + [f"attention={attention}", "train.max_steps=8",
+                                                                    "train.lr=3e-3"])
+    summary = train.run(cfg)
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 9))
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses[8] < losses[1] - 0.3, f"loss did not go down: {losses}"
+    evals = [r for r in metrics(out) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6, 8]
+    for r in evals:
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert 0 < r["val_bpb"] < r["val_loss"] / math.log(2)  # more than one byte per token
+        assert {"tokens", "elapsed_s"} <= set(r)
+    assert summary["final_val_loss"] == evals[-1]["val_loss"]
+    ckpt = load_checkpoint(out)
+    assert ckpt.config["model"]["attention"] == attention
+    assert (out / "checkpoints" / "latest").resolve().name == "step_0000008"
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_is_exact(corpus, data_cache, tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    base = tiny_overrides(corpus, data_cache, straight) + ["train.grad_accum=2"]
+    train.run(compose_config(base))
+
+    # Crash right after the step-3 checkpoint, as a killed run would, then resume to step 6.
+    real_save = train.save_checkpoint
+
+    def save_then_crash(root, step, *args, **kw):
+        path = real_save(root, step, *args, **kw)
+        if step == 3:
+            raise Crash
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train.run(compose_config(base + [f"out_dir={resumed}"]))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.run(compose_config(base + [f"out_dir={resumed}", "train.resume=true"]))
+
+    assert train_losses(resumed) == train_losses(straight)  # bitwise: same floats
+    vals = lambda d: [(r["step"], r["val_loss"]) for r in metrics(d) if "val_loss" in r]  # noqa: E731
+    assert vals(resumed) == vals(straight)
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    for k in a.model_state:
+        assert torch.equal(a.model_state[k], b.model_state[k]), k
+
+
+def test_checkpoint_contents_and_best(corpus, data_cache, tmp_path):
+    out = tmp_path / "run"
+    train.run(compose_config(tiny_overrides(corpus, data_cache, out) + ["model.tie_embeddings=true"]))
+    root = out / "checkpoints"
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["best", "latest", "step_0000006"] or names == ["best", "latest", "step_0000003", "step_0000006"]
+    ckpt = load_checkpoint(root / "latest")
+    assert {p.name for p in ckpt.dir.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
+                                                   "trainer_state.pt"}
+    state = ckpt.trainer_state()  # weights_only load: no pickled code
+    assert state["step"] == 6 and state["data_position"] == 6
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+    assert torch.equal(ckpt.model_state["lm_head.weight"], ckpt.model_state["embed.weight"])
+    assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(corpus, data_cache, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    real_forward = train.Transformer.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:  # step 5 of 6: after the step-3 checkpoint
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(train.Transformer, "forward", forward)
+    with pytest.raises(train.TrainingError, match="loss is nan at step 4.*step_0000003"):
+        train.run(compose_config(tiny_overrides(corpus, data_cache, out)))
+    assert load_checkpoint(out).trainer_state()["step"] == 3
+
+
+def test_time_budget_stops_and_saves(corpus, data_cache, tmp_path):
+    out = tmp_path / "budget"
+    summary = train.run(compose_config(tiny_overrides(corpus, data_cache, out) + ["train.max_steps=100000",
+                                                                                  "train.max_minutes=0.0001"]))
+    assert summary["final_step"] == 1
+    assert load_checkpoint(out).trainer_state()["step"] == 1
+
+
+def read_wandb_records(path: Path):
+    """Records of a .wandb file: a 7-byte header, then LevelDB-log style 32 KiB blocks of chunks
+    (crc32 4 bytes, length 2, type 1: full, first, middle, last). Written here so the test does not
+    depend on wandb's internal reader."""
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # the block's tail is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(raw[pos + 4:pos + 6], "little"), raw[pos + 6]
+        chunk = raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            yield pending
+            pending = b""
+
+
+def test_wandb_offline_run_holds_metrics(corpus, data_cache, tmp_path, monkeypatch):
+    wandb_dir = tmp_path / "wandb_dir"
+    wandb_dir.mkdir()
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    train.run(compose_config(tiny_overrides(corpus, data_cache, out) + ["wandb.mode=offline", "wandb.group=g1"]))
+    runs = list((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    from wandb.proto import wandb_internal_pb2
+
+    history, config_seen, summary = [], False, {}
+    for data in read_wandb_records(next(runs[0].glob("*.wandb"))):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            row = {(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            row.setdefault("_step", rec.history.step.num)
+            history.append(row)
+        elif kind in ("config", "run"):  # the config passed to wandb.init arrives in the run record
+            updates = rec.config.update if kind == "config" else rec.run.config.update
+            config_seen = config_seen or any(i.key == "model" and "attention" in json.loads(i.value_json)
+                                             for i in updates)
+        elif kind == "summary":
+            summary.update({(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in rec.summary.update})
+    assert config_seen, "resolved config was not logged"
+    logged = {h["_step"]: h for h in history}
+    for r in metrics(out):
+        row = logged[r["step"]]
+        for key in ("train_loss", "val_loss", "val_bpb"):
+            if key in r:
+                assert row[key] == pytest.approx(r[key])
+    assert summary["final_step"] == 6 and "final_val_loss" in summary and summary["params"] > 0
+
+
+# ---- bad input: a one-line error on stderr, exit code 2, nothing written or lost -----------------
+
+def run_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def assert_one_line_error(proc, pattern):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert pattern in lines[0], lines[0]
+
+
+def test_cli_bad_data_inputs(corpus, data_cache, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    bad_utf8 = tmp_path / "latin1"
+    bad_utf8.mkdir()
+    (bad_utf8 / "b.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    common = [a for a in tiny_overrides(corpus, data_cache, tmp_path / "o") if not a.startswith("data.path")]
+    cases = [
+        ([f"data.path={tmp_path / 'missing'}"], "does not exist"),
+        ([f"data.path={empty}"], "empty"),
+        ([f"data.path={bad_utf8}"], "UTF-8"),
+        ([f"data.path={corpus}", "model.dim=30"], "model.dim (30) must be divisible by model.n_heads (4)"),
+        ([f"data.path={corpus}", "train.seq_len=100"], "train.seq_len (100) exceeds model.max_seq_len"),
+    ]
+    for extra, pattern in cases:
+        assert_one_line_error(run_cli(*common, *extra), pattern)
+    assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def test_cli_unknown_names_fail_clearly(tmp_path):
+    for arg, pattern in [("attention=foo", "Could not find 'attention/foo'"), ("model=huge", "Could not find 'model/huge'"),
+                         ("train.max_step=3", "Key 'max_step' not in 'TrainConfig'")]:
+        proc = run_cli(arg, f"out_dir={tmp_path}")
+        assert proc.returncode != 0 and pattern in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cli_resume_errors_keep_checkpoint(corpus, data_cache, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(corpus, data_cache, out)
+    assert_one_line_error(run_cli(*args, "train.resume=true"), "no checkpoint")
+    train.run(compose_config(args))
+    weights = load_checkpoint(out).dir / "model.safetensors"
+    # An incompatible config is refused.
+    assert_one_line_error(run_cli(*args, "train.resume=true", "model.n_layers=3"), "model.n_layers: 2 -> 3")
+    # A corrupt checkpoint is reported, and left as it was.
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = {p.name: p.read_bytes() for p in weights.parent.iterdir()}
+    assert_one_line_error(run_cli(*args, "train.resume=true", "train.max_steps=9"), "corrupt")
+    assert {p.name: p.read_bytes() for p in weights.parent.iterdir()} == before
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(out)

@@ -1,0 +1,73 @@
+"""The run configuration as typed dataclasses, registered with Hydra's ConfigStore.
+
+Typed configs make Hydra reject a mistyped key (`train.max_step=10`) or a wrong type
+(`train.lr=fast`) with a message naming it, before any work starts. The YAML files in conf/ pick
+values; these classes say which keys exist and what they mean.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from data.config import DataConfig
+from model.config import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps; the LR schedule spans these
+    max_minutes: Optional[float] = None  # wall-clock budget: stop (and save) once exceeded
+    batch_size: int = 32  # global sequences per optimizer step, whatever the number of processes
+    seq_len: int = 128  # tokens per sequence (<= model.max_seq_len)
+    grad_accum: int = 1  # micro-batches per step: each process runs batch_size / (world * grad_accum)
+    lr: float = 2e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying at the end
+    weight_decay: float = 0.1  # applied to matrices only (not norms, not embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    log_every: int = 10  # steps between metrics.jsonl / wandb lines
+    eval_every: int = 250  # steps between evaluations (val loss, perplexity, bits per byte, a sample)
+    eval_batches: int = 20  # batches of batch_size sequences per evaluation
+    sample_tokens: int = 120  # tokens generated for the sample at each evaluation
+    save_every: int = 500  # steps between checkpoints (also saved at the end)
+    resume: bool = False  # continue from out_dir/checkpoints/latest
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    parallel: str = "ddp"  # under torchrun: ddp (replicate) | fsdp (shard with FSDP2)
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class AttentionRuntimeConfig:
+    # auto: our Triton flash kernel on CUDA, SDPA on CPU. triton | sdpa | math force one.
+    backend: str = "auto"
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (no account needed; `wandb sync` later) | online | disabled
+    project: str = "small-llm"
+    group: Optional[str] = None  # runs of one sweep share a group
+    name: Optional[str] = None  # defaults to the attention variant
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    attention: AttentionRuntimeConfig = field(default_factory=AttentionRuntimeConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    out_dir: str = "${hydra:runtime.output_dir}"  # checkpoints, metrics.jsonl and wandb files go here
+    seed: int = 1337
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
