@@ -10,6 +10,7 @@ Options are documented in training/config.py, model/config.py and data/config.py
 
 import contextlib
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,14 +23,17 @@ from data import DataError, TokenBatches, bits_per_byte, eval_batches, load_prep
 from model import ConfigError, ModelConfig, Transformer
 from training.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
                                  save_checkpoint)
+from training.ablation import register_resolvers
 from training.config import register_configs
-from training.distributed import (barrier, full_state, init_distributed, load_full_state, mean_across_ranks,
-                                  shutdown, wrap_model)
+from training.distributed import (PARALLEL_MODES, any_rank, fail_together, forward_is_collective, full_state,
+                                  gradient_sync, init_distributed, load_full_state, mean_across_ranks,
+                                  reports_error, shutdown, sum_across_ranks, wrap_model)
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, lr_at
 from training.sample import sample_text
 
 register_configs()
+register_resolvers()  # ${sweep_group:...}, ${matched_ffn_dim:...} of conf/experiment/attention_ablation*.yaml
 
 
 class TrainingError(RuntimeError):
@@ -46,6 +50,8 @@ def check_train_config(cfg, model_cfg: ModelConfig, world_size: int) -> None:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
     if t.schedule not in ("cosine", "wsd"):
         raise ConfigError(f"unknown train.schedule '{t.schedule}': choose cosine or wsd")
+    if t.parallel not in PARALLEL_MODES:
+        raise ConfigError(f"unknown train.parallel '{t.parallel}': choose one of {', '.join(PARALLEL_MODES)}")
     if t.max_steps <= 0 or t.eval_every <= 0 or t.save_every <= 0 or t.log_every <= 0:
         raise ConfigError("train.max_steps, train.eval_every, train.save_every and train.log_every must be positive")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
@@ -69,16 +75,19 @@ def check_resume_compatible(saved: dict, current: dict) -> None:
 
 @torch.no_grad()
 def evaluate(model, tokens, cfg, dist_info, autocast) -> float:
+    """Mean loss over the same windows whatever the number of processes: each rank scores its share
+    of every global batch's rows (shares may differ by one row) and the token-weighted sums are added."""
     model.eval()
-    total, count = torch.zeros((), device=dist_info.device), 0
-    for x, y in eval_batches(tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches,
-                             dist_info.rank, dist_info.world_size):
+    rank, world = dist_info.rank, dist_info.world_size
+    total, count = torch.zeros((), dtype=torch.float64, device=dist_info.device), 0
+    for x, y in eval_batches(tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches):
+        count += y.numel()
+        x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
         with autocast():
             _, loss = model(x.to(dist_info.device), y.to(dist_info.device))
-        total += loss.float()
-        count += 1
+        total += loss.double() * y.numel()
     model.train()
-    return mean_across_ranks(total / max(count, 1), dist_info).item()
+    return (sum_across_ranks(total, dist_info) / max(count, 1)).item()
 
 
 def run(cfg: DictConfig) -> dict:
@@ -87,17 +96,31 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     ckpt_root = out_dir / "checkpoints"
 
-    # Data: rank 0 builds the token cache, the others wait and open it.
+    # Set-up that can fail runs in fail_together blocks (no collectives inside): an error on any rank
+    # is raised on every rank, so none waits forever. Rank 0 builds the token cache, the others wait.
     data_cfg = OmegaConf.to_object(cfg.data)
-    if info.is_main:
-        data = prepare(data_cfg)
-    barrier(info)
-    if not info.is_main:
-        data = load_prepared(prepare(data_cfg).dir)
-    cfg.model.vocab_size = data.vocab_size
-    model_cfg = OmegaConf.to_object(cfg.model)  # validates: raises ConfigError on inconsistent dims
-    check_train_config(cfg, model_cfg, info.world_size)
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    with fail_together(info):
+        if info.is_main:
+            data = prepare(data_cfg)
+    ckpt = None
+    with fail_together(info):
+        if not info.is_main:
+            data = load_prepared(prepare(data_cfg).dir)
+        cfg.model.vocab_size = data.vocab_size
+        model_cfg = OmegaConf.to_object(cfg.model)  # validates: raises ConfigError on inconsistent dims
+        check_train_config(cfg, model_cfg, info.world_size)
+        config_dict = OmegaConf.to_container(cfg, resolve=True)
+        batches = TokenBatches(data.train, cfg.train.seq_len, cfg.train.batch_size, cfg.seed, info.rank,
+                               info.world_size)
+        # The val split must give every rank a window: check now rather than at the first eval.
+        next(eval_batches(data.val, cfg.train.seq_len, cfg.train.batch_size, 1, info.rank, info.world_size))
+        if cfg.train.resume:
+            if not (ckpt_root / "latest").exists():
+                raise CheckpointError(f"train.resume=true but there is no checkpoint in {ckpt_root}: "
+                                      "point out_dir at the run to continue, or drop train.resume")
+            ckpt = load_checkpoint(ckpt_root / "latest")
+            check_resume_compatible(ckpt.config, config_dict)
+            state = ckpt.trainer_state()
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = Transformer(model_cfg, backend=cfg.attention.backend).to(device)
@@ -105,14 +128,8 @@ def run(cfg: DictConfig) -> dict:
     optimizer = build_optimizer(model, cfg.train, device.type)
     step, best_val, elapsed_before = 0, math.inf, 0.0
 
-    if cfg.train.resume:
-        if not (ckpt_root / "latest").exists():
-            raise CheckpointError(f"train.resume=true but there is no checkpoint in {ckpt_root}: "
-                                  "point out_dir at the run to continue, or drop train.resume")
-        ckpt = load_checkpoint(ckpt_root / "latest")
-        check_resume_compatible(ckpt.config, config_dict)
-        state = ckpt.trainer_state()
-        load_full_state(model, optimizer, ckpt.model_state, state["optimizer"])
+    if ckpt is not None:
+        load_full_state(model, optimizer, ckpt.model_state, state["optimizer"])  # collective under FSDP
         restore_rng_state(state["rng"])
         step, best_val, elapsed_before = state["step"], state["best_val_loss"], state["elapsed_s"]
         if info.is_main:
@@ -121,25 +138,25 @@ def run(cfg: DictConfig) -> dict:
     fwd_model = torch.compile(model) if cfg.train.compile else model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else contextlib.nullcontext  # bf16 matmuls are slow on CPU: train in fp32 there
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    logger = MetricsLogger(out_dir, config_dict, cfg.wandb, enabled=info.is_main,
-                           resume_step=step if cfg.train.resume else None)
+    with fail_together(info):
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        logger = MetricsLogger(out_dir, config_dict, cfg.wandb, enabled=info.is_main,
+                               resume_step=step if cfg.train.resume else None)
     n_params = raw_model.num_params()
     logger.summary({"params": n_params, "kv_bytes_per_token": model_cfg.kv_cache_bytes_per_token()})
-    batches = TokenBatches(data.train, cfg.train.seq_len, cfg.train.batch_size, cfg.seed, info.rank, info.world_size)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
 
     def save(at_step: int, is_best: bool = False) -> Path:
         model_state, optim_state = full_state(model, optimizer)  # collective: every rank takes part
         path = None
-        if info.is_main:
-            trainer_state = {"optimizer": optim_state, "step": at_step, "rng": capture_rng_state(),
-                             "data_position": at_step, "best_val_loss": best_val,
-                             "elapsed_s": elapsed_before + time.time() - start}
-            path = save_checkpoint(ckpt_root, at_step, model_state, trainer_state, config_dict,
-                                   data.tokenizer_path, model_cfg.tie_embeddings, best=is_best)
-        barrier(info)
+        with fail_together(info):  # the others wait for rank 0's write; if it fails, every rank stops
+            if info.is_main:
+                trainer_state = {"optimizer": optim_state, "step": at_step, "rng": capture_rng_state(),
+                                 "data_position": at_step, "best_val_loss": best_val,
+                                 "elapsed_s": elapsed_before + time.time() - start}
+                path = save_checkpoint(ckpt_root, at_step, model_state, trainer_state, config_dict,
+                                       data.tokenizer_path, model_cfg.tie_embeddings, best=is_best)
         return path
 
     def run_eval(at_step: int) -> dict:
@@ -149,7 +166,8 @@ def run(cfg: DictConfig) -> dict:
                   "val_ppl": math.exp(min(val_loss, 50)),
                   "val_bpb": bits_per_byte(val_loss, data.meta["n_val_tokens"], data.meta["n_val_bytes"]),
                   "elapsed_s": elapsed_before + time.time() - start}
-        if info.is_main and cfg.train.sample_tokens > 0:
+        # Under FSDP every forward all-gathers weights: all ranks sample (the same text); rank 0 logs it.
+        if cfg.train.sample_tokens > 0 and (info.is_main or forward_is_collective(raw_model)):
             text = sample_text(raw_model, data.tokenizer, "\n", cfg.train.sample_tokens, device, seed=cfg.seed)
             logger.log_text("sample", text, at_step)
             record["sample"] = text
@@ -168,6 +186,7 @@ def run(cfg: DictConfig) -> dict:
         bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
     micro = cfg.train.grad_accum
     last_eval = None
+    logged_tok_s = []  # for the summary's train_tokens_per_s (median: robust to the eval/checkpoint steps)
     if info.is_main:
         print(f"model: {cfg.model.attention}, {n_params / 1e6:.2f}M parameters, "
               f"{model_cfg.kv_cache_bytes_per_token()} KV bytes/token (bf16) | device {device}"
@@ -182,8 +201,8 @@ def run(cfg: DictConfig) -> dict:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss_sum = torch.zeros((), device=device)
         for i, (xm, ym) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
-            # DDP: all-reduce gradients only on the last micro-batch.
-            sync = contextlib.nullcontext() if i == micro - 1 or not hasattr(model, "no_sync") else model.no_sync()
+            # DDP/FSDP: reduce gradients across ranks only on the last micro-batch.
+            sync = gradient_sync(model, enabled=i == micro - 1)
             with sync, autocast():
                 _, loss = fwd_model(xm, ym)
                 (loss / micro).backward()
@@ -205,13 +224,15 @@ def run(cfg: DictConfig) -> dict:
             now = time.time()
             tok_s = (step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
             last_log_time, last_log_step = now, step
+            logged_tok_s.append(tok_s)
             logger.log({"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr,
                         "tokens_per_s": tok_s, "elapsed_s": elapsed_before + elapsed})
             if bar is not None:
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
         if bar is not None:
             bar.update(1)
-        out_of_time = cfg.train.max_minutes is not None and elapsed >= cfg.train.max_minutes * 60
+        # Each rank has its own clock: stop together, or the others would wait for it forever.
+        out_of_time = cfg.train.max_minutes is not None and any_rank(elapsed >= cfg.train.max_minutes * 60, info)
         done = step == cfg.train.max_steps or out_of_time
         if step % cfg.train.eval_every == 0 or done:
             last_eval = run_eval(step)
@@ -229,6 +250,8 @@ def run(cfg: DictConfig) -> dict:
         bar.close()
     summary = {"final_step": step, "params": n_params, "kv_bytes_per_token": model_cfg.kv_cache_bytes_per_token(),
                "elapsed_s": elapsed_before + time.time() - start}
+    if logged_tok_s:
+        summary["train_tokens_per_s"] = statistics.median(logged_tok_s)
     if last_eval is not None:
         summary.update(final_val_loss=last_eval["val_loss"], final_val_bpb=last_eval["val_bpb"])
     logger.summary(summary)
@@ -247,7 +270,8 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if reports_error(e):  # under torchrun: an error that every rank raised is printed once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

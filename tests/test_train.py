@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -181,10 +182,11 @@ def test_wandb_offline_run_holds_metrics(corpus, data_cache, tmp_path, monkeypat
 
 # ---- bad input: a one-line error on stderr, exit code 2, nothing written or lost -----------------
 
-def run_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+def run_cli(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, env=env, timeout=300)
+    with tempfile.TemporaryDirectory() as cwd:  # Hydra's own outputs/ folder lands there, not in the repo
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                              text=True, env=env, timeout=300)
 
 
 def assert_one_line_error(proc, pattern):

@@ -10,8 +10,14 @@ Layout under `<out_dir>/checkpoints/`:
     latest -> step_0000500   symlinks, switched atomically once the folder is whole
     best   -> step_0000250
 
-A checkpoint is written into `.tmp-step_.../`, fsynced, then renamed; only then does `latest` move
-(a new symlink renamed over the old one). A crash at any point leaves the previous checkpoint whole.
+A checkpoint is written into `.tmp-step_.../`, every file and the folder fsynced, then renamed;
+only then does `latest` move (a new symlink renamed over the old one, then the parent fsynced).
+A crash at any point leaves the previous checkpoint whole and `latest` pointing at it; the next save
+deletes the `.tmp-*` leftovers, and a `.tmp-*` folder is never loaded. A failed write (a full disk)
+raises CheckpointError and leaves the previous checkpoint as it was.
+
+The weights and optimizer state are full (unsharded) tensors keyed by parameter name, whatever the
+number of processes or DDP/FSDP: a checkpoint resumes under any world size.
 """
 
 import json
@@ -32,6 +38,7 @@ class CheckpointError(ValueError):
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE = (
     "model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
+TMP_PREFIX = ".tmp-"  # a checkpoint being written (or left unfinished by a crash): never loaded
 
 
 def _fsync(path: Path) -> None:
@@ -56,20 +63,29 @@ def save_checkpoint(root: Path, step: int, model_state: dict, trainer_state: dic
     """Write checkpoint `step` under `root`, point `latest` (and `best` if asked) at it, prune the rest."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    final, tmp = root / name, root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-    if tied_embeddings:
-        weights.pop("lm_head.weight", None)  # the same tensor as embed.weight: safetensors stores it once
-    save_file(weights, tmp / MODEL_FILE, metadata={"step": str(step)})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-    torch.save(trainer_state, tmp / STATE_FILE)
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    if final.exists():  # the same step saved again (e.g. the final save right after a periodic one)
+    final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
+    remove_unfinished(root)
+    try:
+        tmp.mkdir()
+        weights = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+        if tied_embeddings:
+            weights.pop("lm_head.weight", None)  # the same tensor as embed.weight: safetensors stores it once
+        save_file(weights, tmp / MODEL_FILE, metadata={"step": str(step)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+    except OSError as e:  # e.g. the disk is full: nothing visible changed
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = root / "latest"
+        kept = f"the last complete checkpoint {latest.resolve()} is intact" if latest.exists() else \
+            "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); {kept}") from None
+    if final.exists():
+        # The same step written again: after a crash between this rename and the `latest` switch
+        # below (`latest` still points at an older checkpoint), or by a new run in an old out_dir.
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(root)
@@ -84,9 +100,21 @@ def save_checkpoint(root: Path, step: int, model_state: dict, trainer_state: dic
     return final
 
 
+def remove_unfinished(root: Path) -> None:
+    """Delete what a run killed while saving leaves: `.tmp-step_*` folders and `.latest.tmp` links."""
+    for p in Path(root).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in Path(root).glob(".*.tmp"):
+        if p.is_symlink():
+            p.unlink()
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder from a checkpoint folder, a `checkpoints/` folder or a run folder."""
     p = Path(path).expanduser()
+    if p.name.startswith(TMP_PREFIX):
+        raise CheckpointError(f"'{path}' is an unfinished checkpoint (the run stopped while writing it) and is "
+                              "never loaded: resume from the run's latest checkpoint")
     for candidate in (p, p / "latest", p / "checkpoints" / "latest"):
         if (candidate / MODEL_FILE).is_file():
             return candidate.resolve()

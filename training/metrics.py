@@ -67,5 +67,10 @@ class MetricsLogger:
 
     def finish(self) -> None:
         if self.run is not None:
+            import wandb
+
             self.run.finish()
+            # finish() can return before wandb's service has flushed an offline run to disk; teardown
+            # waits for it, so the run folder is complete (and syncable) when train.py returns.
+            wandb.teardown()
             self.run = None

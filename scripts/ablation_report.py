@@ -1,0 +1,397 @@
+"""Summarise an attention ablation sweep: a markdown table and PNG plots (docs/ablation.md).
+
+    python -m scripts.ablation_report multirun/2026-11-22/14-07-05              # -> <sweep>/report/
+    python -m scripts.ablation_report multirun/2026-11-22/14-07-05 --decode     # + decode tok/s (paged engine)
+    python -m scripts.ablation_report multirun/2026-11-22/14-07-05 --wandb      # + log to wandb (offline)
+
+Every folder under the sweep folder that holds a metrics.jsonl is a run. Its config comes from its last
+checkpoint (checkpoints/latest/config.json, the resolved config) or else from Hydra's .hydra/config.yaml;
+its numbers from metrics.jsonl. So the report needs neither wandb nor a finished sweep.
+
+Writes to --out (default <sweep>/report): ablation.md (the table), ablation.json (the same rows, raw
+numbers), val_loss_vs_tokens.png, val_loss_vs_time.png, val_loss_vs_kv_bytes.png.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANT_ORDER = ("mha", "gqa", "mqa", "mla")
+PLOTS = {"tokens": "val_loss_vs_tokens.png", "time": "val_loss_vs_time.png", "kv": "val_loss_vs_kv_bytes.png"}
+DECODE_PROMPTS = ["ROMEO:", "JULIET:", "First Citizen:", "KING HENRY:", "HAMLET:", "To be", "What", "O, ",
+                  "My lord,", "Enter", "Good morrow", "I pray you", "Now", "Come,", "Sweet", "Exeunt"]
+# Keys that legitimately differ between the runs of an ablation (the variant and what follows from it),
+# or do not change what is trained.
+VARIANT_KEYS = {"model.attention", "model.n_kv_heads", "wandb", "out_dir", "data.num_proc", "data.cache_dir",
+                "train.progress", "train.resume", "train.device", "attention.backend"}
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+# ---- reading runs ---------------------------------------------------------------------------------
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+                continue
+    return rows
+
+
+def read_config(run_dir: Path) -> tuple[dict, str]:
+    """The run's resolved config and where it came from."""
+    ckpt_cfg = run_dir / "checkpoints" / "latest" / "config.json"
+    if ckpt_cfg.exists():
+        return json.loads(ckpt_cfg.read_text()), "checkpoint"
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if hydra_cfg.exists():
+        from omegaconf import OmegaConf
+
+        from training.ablation import register_resolvers
+
+        register_resolvers()
+        cfg = OmegaConf.load(hydra_cfg)
+        out = {}
+        for section in ("model", "data", "train", "wandb", "seed"):
+            out[section] = _resolve_leniently(cfg, section)
+        # train.py sets model.vocab_size from the tokenizer; before the first checkpoint only the
+        # requested size is known (exact unless data.tokenizer_path points at another tokenizer).
+        if isinstance(out.get("model"), dict) and isinstance(out.get("data"), dict):
+            out["model"]["vocab_size"] = out["data"].get("vocab_size", out["model"].get("vocab_size"))
+        return out, "hydra"
+    raise ReportError(f"{run_dir}: no checkpoints/latest/config.json nor .hydra/config.yaml to read the config from")
+
+
+def _resolve_leniently(cfg, key: str):
+    """Resolve cfg[key], leaving values that need a running Hydra app (${hydra:...}) as None."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = cfg.get(key)
+    if not OmegaConf.is_config(node):
+        try:
+            return OmegaConf.select(cfg, key)
+        except OmegaConfBaseException:
+            return None
+    out = {}
+    for k in node:
+        try:
+            v = OmegaConf.select(cfg, f"{key}.{k}")
+            out[k] = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        except OmegaConfBaseException:
+            out[k] = None
+    return out
+
+
+def model_config(model: dict):
+    from model import ModelConfig
+
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in model.items() if k in known})
+
+
+def count_params(model: dict) -> int:
+    """Exact, from the config: the Transformer built on the meta device (no weights needed)."""
+    from model import ModelConfig
+    from training.ablation import count_params as count
+
+    known = {f.name for f in fields(ModelConfig)}
+    return count({k: v for k, v in model.items() if k in known})
+
+
+def find_runs(sweep: Path) -> list[Path]:
+    runs = sorted({p.parent for p in sweep.rglob("metrics.jsonl") if "checkpoints" not in p.parts},
+                  key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(sweep).parts])
+    if not runs:
+        raise ReportError(f"no run folders (with a metrics.jsonl) under {sweep}")
+    return runs
+
+
+def summarise_run(run_dir: Path, sweep: Path) -> dict:
+    cfg, source = read_config(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if "train_loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    model = cfg["model"]
+    mc = model_config(model)
+    wandb_cfg = cfg.get("wandb") or {}
+    name = wandb_cfg.get("name") or mc.attention
+    last = evals[-1] if evals else {}
+    tok_s = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
+    return {
+        "variant": name,
+        "attention": mc.attention,
+        "run_dir": str(run_dir.relative_to(sweep)) if run_dir != sweep else ".",
+        "config_source": source,
+        "params": count_params(model),
+        "n_layers": mc.n_layers,
+        "context": mc.max_seq_len,
+        "kv_bytes_per_token_per_layer": mc.kv_cache_bytes_per_token(2, per_layer=True),
+        "kv_bytes_per_token": mc.kv_cache_bytes_per_token(2),
+        "kv_bytes_per_sequence": mc.kv_cache_bytes_per_token(2) * mc.max_seq_len,
+        "final_step": train[-1]["step"] if train else 0,
+        "final_tokens": train[-1]["tokens"] if train else 0,
+        "final_val_step": last.get("step"),
+        "final_val_loss": last.get("val_loss"),
+        "final_val_bpb": last.get("val_bpb"),
+        "train_tokens_per_s": statistics.median(tok_s) if tok_s else None,
+        "elapsed_s": max((r.get("elapsed_s", 0.0) for r in records), default=0.0),
+        "decode_tokens_per_s": None,
+        "curve": [{"step": r["step"], "tokens": r["tokens"], "elapsed_s": r.get("elapsed_s"),
+                   "val_loss": r["val_loss"], "val_bpb": r.get("val_bpb")} for r in evals],
+        "_config": cfg,
+    }
+
+
+def sort_key(row: dict):
+    a = row["attention"]
+    return (VARIANT_ORDER.index(a) if a in VARIANT_ORDER else len(VARIANT_ORDER), row["variant"], row["run_dir"])
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(rows: list[dict]) -> list[str]:
+    """Config keys that differ between runs beyond the variant itself: each one makes the comparison unfair."""
+    flats = [flatten(r["_config"]) for r in rows]
+    keys = set().union(*flats)
+    ignore = set(VARIANT_KEYS)
+    if all("matched_params" in ((r["_config"].get("wandb") or {}).get("tags") or []) for r in rows):
+        ignore.add("model.ffn_dim")  # attention_ablation_matched: the FFN width is the variable that matches params
+    diff = []
+    for k in sorted(keys):
+        if k in ignore or any(k.startswith(p + ".") for p in ignore):
+            continue
+        values = {json.dumps(f.get(k), sort_keys=True) for f in flats}
+        if len(values) > 1:
+            diff.append(k)
+    return diff
+
+
+# ---- decode throughput (the paged engine) ---------------------------------------------------------
+
+def decode_tokens_per_s(run_dir: Path, batch: int, new_tokens: int, device: str = "cpu") -> float:
+    """Decode tokens/s of the run's last checkpoint: `batch` prompts decoded together, greedy, EOS ignored."""
+    try:
+        from engine import LLM, SamplingParams
+    except ImportError as e:
+        raise ReportError(f"--decode needs the paged engine (engine/: LLM, SamplingParams), not importable here: {e}")
+    llm = LLM(str(run_dir), device=device)
+    prompts = [DECODE_PROMPTS[i % len(DECODE_PROMPTS)] for i in range(batch)]
+    ctx = llm.cfg.max_seq_len if hasattr(llm, "cfg") else None
+    n = min(new_tokens, ctx - 16) if ctx else new_tokens  # room for the prompt within the context
+    llm.generate(prompts[:2], SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+    wall = time.perf_counter() - t0
+    stats = getattr(llm, "stats", None)
+    rate = getattr(stats, "decode_tokens_per_s", 0.0) if stats is not None else 0.0
+    if rate:  # time in decode steps only (prefill excluded)
+        return float(rate)
+    produced = sum(len(getattr(o, "token_ids", []) or []) for o in outs) or batch * n
+    return produced / wall
+
+
+# ---- output -----------------------------------------------------------------------------------------
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}".replace(".00 ", " ")
+    return f"{int(n)} B"
+
+
+def fmt(x, spec: str) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+TABLE_COLUMNS = ["variant", "params", "KV B/token/layer", "KV B/token", "KV @ context", "val loss", "val bits/byte",
+                 "train tok/s", "decode tok/s @ batch {batch}"]
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    return [[r["variant"], f"{r['params']:,}", str(r["kv_bytes_per_token_per_layer"]), f"{r['kv_bytes_per_token']:,}",
+             fmt_bytes(r["kv_bytes_per_sequence"]), fmt(r["final_val_loss"], ".4f"), fmt(r["final_val_bpb"], ".4f"),
+             fmt(r["train_tokens_per_s"], ",.0f"), fmt(r["decode_tokens_per_s"], ",.0f")] for r in rows]
+
+
+def markdown(rows: list[dict], sweep: Path, plots: dict, diffs: list[str], batch: int, decoded: bool) -> str:
+    cols = [c.format(batch=batch) for c in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(rows)]
+    first = rows[0]["_config"]
+    m, t = first["model"], first.get("train", {})
+    steps = "/".join(str(s) for s in sorted({r["final_step"] for r in rows}))
+    tokens = "/".join(f"{n:,}" for n in sorted({r["final_tokens"] for r in rows}))
+    setting = (f"dim {m['dim']}, {m['n_layers']} layers, {m['n_heads']} query heads, context {m['max_seq_len']}, "
+               f"vocab {m['vocab_size']}; batch {t.get('batch_size')} x {t.get('seq_len')} tokens; "
+               f"{steps} steps ({tokens} tokens); data {first.get('data', {}).get('source')}; seed {first.get('seed')}")
+    out = [f"# Attention ablation: {sweep}", "", setting, "", *lines, ""]
+    out += [
+        f"- **params**: all parameters, embeddings included; **KV B/token/layer**: bytes of KV cache one token costs "
+        "in one layer at inference, bf16 (MHA/GQA/MQA: 2 x kv heads x head dim; MLA: latent + rope dims); "
+        f"**KV B/token**: the same for all {m['n_layers']} layers; **KV @ context**: one sequence of "
+        f"{m['max_seq_len']} tokens (the context length), all layers.",
+        "- **val loss**, **val bits/byte**: the last evaluation (mean cross-entropy in nats per token; bits per "
+        "UTF-8 byte of validation text, comparable across tokenizers).",
+        "- **train tok/s**: median of the logged training throughputs (tokens / s between log lines); only "
+        "comparable between runs made on the same, equally loaded machine.",
+        f"- **decode tok/s @ batch {batch}**: " + (
+            f"greedy decoding of {batch} prompts together on the paged engine (tokens from decode steps / time in "
+            "decode steps)." if decoded else "not measured: run the report with `--decode` (needs engine/)."),
+    ]
+    if diffs:
+        out += ["", f"**Not a like-for-like comparison**: the runs also differ in {', '.join(diffs)}."]
+    partial = [r["variant"] for r in rows if r["config_source"] != "checkpoint"]
+    if partial:
+        out += ["", f"No checkpoint yet for {', '.join(partial)}: config read from .hydra/config.yaml "
+                    "(parameter counts assume vocab = data.vocab_size)."]
+    out += [""] + [f"![{name}]({path.name})" for name, path in plots.items()]
+    return "\n".join(out) + "\n"
+
+
+def make_plots(rows: list[dict], out: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {r["variant"]: f"C{i}" for i, r in enumerate(rows)}  # one colour per variant in every plot
+    paths = {}
+    for key, xlabel, xfn in (("tokens", "training tokens", lambda c: c["tokens"]),
+                             ("time", "wall-clock (minutes)", lambda c: (c["elapsed_s"] or 0.0) / 60)):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+        for r in rows:
+            if r["curve"]:
+                ax.plot([xfn(c) for c in r["curve"]], [c["val_loss"] for c in r["curve"]], marker="o", ms=3,
+                        label=r["variant"], color=colors[r["variant"]])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(f"Validation loss vs {xlabel.split(' (')[0]}")
+        ax.grid(alpha=0.3)
+        if any(r["curve"] for r in rows):
+            ax.legend()
+        fig.tight_layout()
+        paths[key] = out / PLOTS[key]
+        fig.savefig(paths[key])
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    pts = [r for r in rows if r["final_val_loss"] is not None]
+    for r in pts:
+        ax.scatter(r["kv_bytes_per_token"], r["final_val_loss"], s=40, color=colors[r["variant"]])
+        ax.annotate(r["variant"], (r["kv_bytes_per_token"], r["final_val_loss"]), textcoords="offset points",
+                    xytext=(6, 4))
+    xs = sorted({r["kv_bytes_per_token"] for r in pts})
+    if xs:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [fmt_bytes(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_xlim(xs[0] / 1.5, xs[-1] * 1.5)
+    ax.margins(y=0.15)  # room for the labels
+    ax.set_xlabel("KV cache per token, all layers (bf16)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title("Quality vs KV memory")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths["kv"] = out / PLOTS["kv"]
+    fig.savefig(paths["kv"])
+    plt.close(fig)
+    return paths
+
+
+def log_to_wandb(rows: list[dict], plots: dict, sweep: Path, out: Path, mode: str, batch: int) -> str:
+    import wandb
+
+    cfgs = [r["_config"].get("wandb") or {} for r in rows]
+    groups = {c.get("group") for c in cfgs if c.get("group")}
+    group = groups.pop() if len(groups) == 1 else f"attention_ablation {sweep}"
+    project = next((c.get("project") for c in cfgs if c.get("project")), "small-llm")
+    run = wandb.init(mode=mode, project=project, group=group, name="ablation-report", job_type="report",
+                     tags=["attention_ablation", "report"], dir=os.environ.get("WANDB_DIR", str(out)),
+                     config={"sweep": str(sweep), "runs": [r["run_dir"] for r in rows]},
+                     settings=wandb.Settings(silent=True, console="off"))
+    cols = [c.format(batch=batch) for c in TABLE_COLUMNS]
+    raw_cols = ["variant", "params", "kv_bytes_per_token_per_layer", "kv_bytes_per_token", "kv_bytes_per_sequence",
+                "final_val_loss", "final_val_bpb", "train_tokens_per_s", "decode_tokens_per_s"]
+    run.log({"ablation_table": wandb.Table(columns=cols, data=table_rows(rows)),
+             "ablation_values": wandb.Table(columns=raw_cols, data=[[r[c] for c in raw_cols] for r in rows]),
+             **{path.stem: wandb.Image(str(path)) for path in plots.values()}})
+    run_dir = run.dir
+    run.finish()
+    return run_dir
+
+
+def report(sweep: Path, out: Optional[Path] = None, decode: bool = False, batch: int = 16, new_tokens: int = 128,
+           use_wandb: bool = False, wandb_mode: str = "offline") -> dict:
+    sweep = Path(sweep)
+    if not sweep.is_dir():
+        raise ReportError(f"sweep folder {sweep} does not exist")
+    out = Path(out) if out is not None else sweep / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted((summarise_run(d, sweep) for d in find_runs(sweep)), key=sort_key)
+    if decode:
+        for r in rows:
+            r["decode_tokens_per_s"] = decode_tokens_per_s(sweep / r["run_dir"], batch, new_tokens)
+    plots = make_plots(rows, out)
+    diffs = config_differences(rows)
+    (out / "ablation.md").write_text(markdown(rows, sweep, plots, diffs, batch, decode))
+    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    (out / "ablation.json").write_text(json.dumps({"sweep": str(sweep), "decode_batch": batch,
+                                                   "config_differences": diffs, "runs": public}, indent=1))
+    result = {"out": out, "rows": public, "plots": plots, "differences": diffs, "wandb_dir": None}
+    if use_wandb:
+        result["wandb_dir"] = log_to_wandb(rows, plots, sweep, out, wandb_mode, batch)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("sweep", type=Path, help="the sweep folder (multirun/<date>/<time>) or any folder of run folders")
+    ap.add_argument("--out", type=Path, default=None, help="where to write the report (default: <sweep>/report)")
+    ap.add_argument("--decode", action="store_true", help="measure decode tokens/s with the paged engine")
+    ap.add_argument("--decode-batch", type=int, default=16, help="prompts decoded together (default 16)")
+    ap.add_argument("--decode-tokens", type=int, default=128, help="new tokens per prompt (capped by the context)")
+    ap.add_argument("--wandb", action="store_true", help="log the table and plots to a wandb run in the sweep's group")
+    ap.add_argument("--wandb-mode", default="offline", choices=["offline", "online"])
+    args = ap.parse_args(argv)
+    try:
+        res = report(args.sweep, args.out, args.decode, args.decode_batch, args.decode_tokens, args.wandb,
+                     args.wandb_mode)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((res["out"] / "ablation.md").read_text())
+    print(f"report: {res['out'] / 'ablation.md'}")
+    if res["wandb_dir"]:
+        print(f"wandb:  {Path(res['wandb_dir']).parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""torchrun on CPU (gloo, 2 processes): DDP and FSDP2 train exactly like one process with the same
+global batch, only rank 0 writes, and an error on one rank stops every rank with one message.
+
+The helpers here (launch, finish, reference_run...) are shared with tests/test_crash_safety.py."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import train
+from conftest import ROOT, compose_config, tiny_overrides
+from training.checkpoint import load_checkpoint
+
+TOL = 1e-5
+
+
+def overrides(corpus, data_cache, out_dir) -> list[str]:
+    """The tiny test config, with 96 sequences of 33 tokens per step: the validation split then holds
+    93 windows, fewer than one batch and odd, so 2 ranks score unequal shares (47 and 46 rows)."""
+    return tiny_overrides(corpus, data_cache, out_dir) + ["train.seq_len=33", "train.batch_size=96",
+                                                          "train.grad_accum=2"]
+
+
+def launch(args: list[str], nproc: int, cwd: Path, script: Path = ROOT / "train.py", env: dict = None):
+    """Start `script` under torchrun with `nproc` processes (plain python when nproc == 1)."""
+    cmd = [sys.executable, str(script), *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true", **(env or {})}
+    # cwd: Hydra writes its own outputs/ folder there. A new session: the test can kill the whole launch.
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(proc, timeout: float = 300) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out (a rank waiting forever?)\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def torchrun(args: list[str], nproc: int, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    return finish(launch(args, nproc, cwd, **kw))
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out_dir: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in metrics(out_dir) if key in r}
+
+
+def assert_same_run(out_dir: Path, reference: Path, steps=None) -> None:
+    """Same train and val losses at every step (to TOL) and the same final weights."""
+    for key in ("train_loss", "val_loss"):
+        got, want = losses(out_dir, key), losses(reference, key)
+        assert sorted(got) == sorted(want), (key, sorted(got), sorted(want))
+        for step in steps or want:
+            if step in want:
+                assert got[step] == pytest.approx(want[step], abs=TOL), (key, step, got, want)
+    a, b = load_checkpoint(out_dir), load_checkpoint(reference)
+    assert a.dir.name == b.dir.name
+    assert a.model_state.keys() == b.model_state.keys()
+    for k in a.model_state:
+        torch.testing.assert_close(a.model_state[k], b.model_state[k], rtol=1e-4, atol=TOL, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, data_cache, tmp_path_factory) -> Path:
+    """The uninterrupted run in one process that every distributed or resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    cfg = compose_config(overrides(corpus, data_cache, out))
+    train.run(cfg)
+    from data.prepare import cache_folder
+
+    meta = json.loads((cache_folder(OmegaConf.to_object(cfg.data)) / "meta.json").read_text())
+    n_windows = (meta["n_val_tokens"] - 1) // cfg.train.seq_len
+    assert n_windows < cfg.train.batch_size and n_windows % 2 == 1, "the eval no longer has uneven rank shares"
+    return out
+
+
+# FSDP2 also trains (steps 4-6, from a 1-process checkpoint) in test_crash_safety's resume test.
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_processes_match_one(parallel, corpus, data_cache, reference_run, tmp_path):
+    out = tmp_path / parallel
+    wandb_dir = tmp_path / "wandb_dir"
+    wandb_dir.mkdir()
+    extra = [f"train.parallel={parallel}"] + (["wandb.mode=offline"] if parallel == "ddp" else [])
+    proc = ok(torchrun(overrides(corpus, data_cache, out) + extra, 2, tmp_path,
+                       env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)}))
+    assert_same_run(out, reference_run)
+    # Only rank 0 logs: one metrics line per record, one banner, one wandb run.
+    steps = [(r["step"], "val_loss" in r) for r in metrics(out)]
+    assert len(steps) == len(set(steps)) == len(metrics(reference_run))
+    assert proc.stdout.count("model: gqa") == 1 and f"x 2 ({parallel})" in proc.stdout
+    assert len(list((wandb_dir / "wandb").glob("offline-run-*"))) == (parallel == "ddp")
+
+
+def test_fail_together(tmp_path):
+    """An error on some ranks, before any collective, is raised on all ranks (and printed by one)."""
+    script = tmp_path / "agree.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from data import DataError
+        from model import ConfigError
+        from training.distributed import any_rank, fail_together, init_distributed, shutdown
+
+        info = init_distributed("cpu")
+
+        class Unpicklable(Exception):
+            def __reduce__(self):
+                raise TypeError("cannot pickle")
+
+        def rank0_fails():
+            if info.rank == 0:
+                raise DataError("rank 0 could not prepare the data")
+
+        def rank1_fails():
+            if info.rank == 1:
+                raise ConfigError("only rank 1 sees this")
+
+        def all_fail():
+            raise ConfigError("the same config error everywhere")
+
+        def rank1_unpicklable():
+            if info.rank == 1:
+                raise Unpicklable("odd")
+
+        results = {{}}
+        for case in (rank0_fails, rank1_fails, all_fail, rank1_unpicklable, lambda: None):
+            try:
+                with fail_together(info):
+                    case()
+                results[case.__name__] = "ok"
+            except Exception as e:
+                results[case.__name__] = [type(e).__name__, str(e), e.reported_by]
+        results["any_rank"] = [any_rank(info.rank == 1, info), any_rank(False, info)]
+        (open(sys.argv[1] + f"/rank{{info.rank}}.json", "w")).write(json.dumps(results))
+        shutdown(info)
+    """))
+    ok(torchrun([str(tmp_path)], 2, tmp_path, script=script))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["rank0_fails"] == r1["rank0_fails"] == ["DataError", "rank 0 could not prepare the data", 0]
+    assert r0["rank1_fails"] == r1["rank1_fails"] == ["ConfigError", "only rank 1 sees this", 1]
+    assert r0["all_fail"] == r1["all_fail"] == ["ConfigError", "the same config error everywhere", 0]
+    assert r0["rank1_unpicklable"] == ["RuntimeError", "Unpicklable: odd", 1]
+    assert r1["rank1_unpicklable"] == ["Unpicklable", "odd", 1]
+    assert r0["<lambda>"] == r1["<lambda>"] == "ok"
+    assert r0["any_rank"] == r1["any_rank"] == [True, False]
+
+
+def one_error_line(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    """The run failed with exactly one `error:` line (not one per rank) and no Python traceback from
+    the trainer (torchrun's own failure summary is expected)."""
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and pattern in lines[0], proc.stderr[-3000:]
+    assert f'File "{ROOT / "train.py"}"' not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_rank0_data_error_stops_every_rank(corpus, data_cache, tmp_path):
+    # Rank 0 prepares the data while the others wait for it: its failure must reach them.
+    args = [a for a in overrides(corpus, data_cache, tmp_path / "o") if not a.startswith("data.path")]
+    proc = torchrun(args + [f"data.path={tmp_path / 'missing'}"], 2, tmp_path)
+    one_error_line(proc, "does not exist")
+    assert not (tmp_path / "o").exists()

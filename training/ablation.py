@@ -1,0 +1,74 @@
+"""Config resolvers of the attention ablation presets (conf/experiment/attention_ablation*.yaml).
+
+`sweep_group` names the wandb group after the sweep folder:
+
+    wandb.group: ${sweep_group:attention_ablation}  ->  "attention_ablation multirun/2026-11-22/14-07-05"
+
+(the same for every run of one `python train.py -m` sweep; the run folder for a single run; the bare
+prefix outside a Hydra app, e.g. with hydra.compose in tests).
+
+`matched_ffn_dim` gives equal parameter counts across attention variants.
+
+The attention variants differ in their K/V projections, so at equal width they differ in parameters
+(at model/tiny: MHA 3.34M, GQA 3.15M, MQA 3.10M, MLA 3.25M). conf/experiment/attention_ablation_matched.yaml
+sets
+
+    model.ffn_dim: ${matched_ffn_dim:mha,512}
+
+which gives each variant the SwiGLU width that brings its parameter count to that of the reference
+variant (here MHA) at ffn_dim 512: the parameters a variant saves in attention go into its FFN. Counts
+then match to within 3 x dim x n_layers / 2 (one FFN unit per layer costs 3 x dim).
+"""
+
+from dataclasses import fields
+
+from omegaconf import OmegaConf
+
+from model import ModelConfig
+
+KV_HEADS = {"mha": None, "mqa": 1}  # None: n_heads; gqa and mla keep the configured n_kv_heads
+
+
+def count_params(model_fields: dict) -> int:
+    """Exact parameter count of the Transformer for these model fields (built on the meta device: no memory)."""
+    import torch
+
+    from model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(ModelConfig(**model_fields)).num_params()
+
+
+def matched_ffn_dim(model_fields: dict, reference: str, reference_ffn: int) -> int:
+    """ffn_dim for model_fields' variant so that its parameter count matches `reference` at `reference_ffn`."""
+    known = {f.name for f in fields(ModelConfig)}
+    mine = {k: v for k, v in model_fields.items() if k in known}
+    mine["ffn_dim"] = reference_ffn
+    ref = dict(mine, attention=reference)
+    ref["n_kv_heads"] = KV_HEADS.get(reference, ref["n_kv_heads"]) or ref["n_heads"]
+    target = count_params(ref)
+    base = count_params(mine)
+    per_unit = count_params(dict(mine, ffn_dim=reference_ffn + 1)) - base  # 3 x dim x n_layers
+    return max(1, reference_ffn + round((target - base) / per_unit))
+
+
+def _resolve(reference: str, reference_ffn, *, _parent_) -> int:
+    node = {k: _parent_[k] for k in _parent_ if k != "ffn_dim"}  # reading ffn_dim would recurse into us
+    return matched_ffn_dim(node, str(reference), int(reference_ffn))
+
+
+def sweep_group(prefix: str) -> str:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return prefix
+    hc = HydraConfig.get()
+    return f"{prefix} {hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir}"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("matched_ffn_dim"):
+        OmegaConf.register_new_resolver("matched_ffn_dim", _resolve)
+    if not OmegaConf.has_resolver("sweep_group"):
+        OmegaConf.register_new_resolver("sweep_group", sweep_group)
