@@ -260,7 +260,7 @@ def run(cfg: DictConfig) -> dict:
         if last_eval is not None and "sample" in last_eval:
             print(f"\nsample at step {step}:\n{last_eval['sample']}\n")
         print(f"checkpoint: {(ckpt_root / 'latest').resolve()}")
-        print(f"try it:     python generate.py --ckpt {out_dir} --prompt 'ROMEO:'")
+        print(f"try it:     python generate.py --ckpt {out_dir} --prompt '**ROMEO**'")
     shutdown(info)
     return summary
 

@@ -133,7 +133,6 @@ def test_report_table_and_plots_match_the_runs(sweep, tmp_path, capsys):
 
 
 def test_report_decode_column(sweep, tmp_path):
-    pytest.importorskip("engine")
     folder, _ = sweep
     res = ablation_report.report(folder, tmp_path / "r", decode=True, batch=16, new_tokens=6)
     assert all(r["decode_tokens_per_s"] > 0 for r in res["rows"])

@@ -16,7 +16,7 @@ from model.config import ModelConfig
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps; the LR schedule spans these
+    max_steps: int = 400  # optimizer steps; the LR schedule spans these
     max_minutes: Optional[float] = None  # wall-clock budget: stop (and save) once exceeded
     batch_size: int = 32  # global sequences per optimizer step, whatever the number of processes
     seq_len: int = 128  # tokens per sequence (<= model.max_seq_len)
@@ -31,10 +31,10 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     log_every: int = 10  # steps between metrics.jsonl / wandb lines
-    eval_every: int = 250  # steps between evaluations (val loss, perplexity, bits per byte, a sample)
-    eval_batches: int = 20  # batches of batch_size sequences per evaluation
+    eval_every: int = 100  # steps between evaluations (val loss, perplexity, bits per byte, a sample)
+    eval_batches: int = 10  # batches of batch_size sequences per evaluation
     sample_tokens: int = 120  # tokens generated for the sample at each evaluation
-    save_every: int = 500  # steps between checkpoints (also saved at the end)
+    save_every: int = 200  # steps between checkpoints (also saved at the end)
     resume: bool = False  # continue from out_dir/checkpoints/latest
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -1,0 +1,344 @@
+"""The paged KV cache and the attention over it: the object the model's attention layers call.
+
+Logical layout (the cache contract, and what the paged decode kernels take):
+    MHA/GQA/MQA   per layer K and V  [num_blocks, block_size, n_kv_heads, head_dim]
+    MLA           per layer one K    [num_blocks, block_size, 1, kv_lora_rank + qk_rope_head_dim]
+                  (the normalised latent c_kv and the shared RoPE key k_pe; the values are c_kv,
+                  the first kv_lora_rank channels, so there is no V buffer)
+Physical layout: one tensor for all layers, head-major inside a block,
+    k_buf (and v_buf)  [n_layers, num_blocks, n_kv_heads, block_size, head_dim]
+so `k_cache(layer)` is a strided view with the logical shape, a copy-on-write copies a block of every
+layer in one op, and the torch path gathers a sequence's context as whole (block, head) rows of
+block_size * head_dim contiguous values, already in the [seqs, heads, tokens, dim] order attention
+wants (few large copies instead of many small ones, no transpose).
+
+Per step the runner calls `begin_prefill` or `begin_decode` with the step's metadata (all index
+tensors are built once per step, not per layer); then the model's forward calls
+`attend(layer, q, k, v, scale)` once per layer with the step's new tokens packed ([T, heads, dim]).
+attend first writes every new K/V to its slot (slot = block_table[pos // bs] * bs + pos % bs), before
+any attention reads: a sequence may then read blocks another sequence of the same step fills (that is
+how identical prompts admitted together share blocks). Then it attends:
+
+  prefill  each sequence's new tokens attend to its whole context (cached prefix + new tokens),
+           causally: with context length C and n new tokens, new token i sits at position C - n + i
+           and sees keys 0 .. C - n + i. Sequences are grouped by length; each group is gathered into
+           a padded batch and run through SDPA with an explicit mask, in fp32.
+  decode   one new token per sequence. CUDA: the Triton paged kernel (kernels.paged_attention_decode).
+           CPU: the same gather + SDPA, with a kv head's group of query heads as the query rows
+           (the math of kernels.paged_attention_decode_torch, which the tests compare against,
+           with the index work done once per step instead of once per layer). Under torch.compile
+           this step is the custom op llm_engine::paged_decode, opaque to the compiler.
+
+A slot of -1 in a prefill's slot mapping means "do not write": that token's K/V is already in a
+cached block (the recomputed last token of a prompt that hit the prefix cache completely).
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig
+
+
+@dataclass
+class AttnGroup:
+    """Sequences attended together as one padded batch of S sequences x Q query slots x L keys."""
+    S: int
+    Q: int
+    L: int  # padded context: whole blocks
+    gather: torch.Tensor  # [S * Hkv * L / bs] rows of the (block, head) view of the buffers
+    bias: Optional[torch.Tensor]  # [S, 1, G * Q or 1, L] float: 0 = may attend, -inf = may not
+    causal: bool = False  # no cached prefix and all Q equal: plain causal attention, no mask (bias None)
+    q_rows: Optional[torch.Tensor] = None  # [S * Q] packed token of each query slot (padding: 0); None = identity
+    out_sel: Optional[torch.Tensor] = None  # [n] valid query slots, in packed order; None = all
+    out_rows: Optional[torch.Tensor] = None  # [n] packed rows they produce; None = all, in order
+
+
+@dataclass
+class StepMetadata:
+    is_prefill: bool
+    write_index: torch.Tensor  # [W * Hkv] rows of the (token, head) view of the buffers to write
+    write_rows: Optional[torch.Tensor]  # [W] packed tokens that are written; None = all
+    block_tables: Optional[torch.Tensor]  # [S, max_blocks] int32, padded with 0 (decode: CUDA only)
+    context_lens: torch.Tensor  # [S] int32: cached + new tokens of each sequence
+    groups: list[AttnGroup] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class PagedKVCache:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
+        self.dtype, self.device = dtype, torch.device(device)
+        L = cfg.n_layers
+        if cfg.attention == "mla":
+            self.n_kv_heads, self.k_dim, self.v_dim = 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        else:
+            self.n_kv_heads, self.k_dim, self.v_dim = cfg.n_kv_heads, cfg.head_dim, cfg.head_dim
+        self.n_q_heads = cfg.n_heads
+        # Zeros, not empty: padded context positions are masked, but 0 * NaN garbage would still be NaN.
+        self.k_buf = torch.zeros(L, num_blocks, self.n_kv_heads, block_size, self.k_dim, dtype=dtype, device=device)
+        self.v_buf = None if cfg.attention == "mla" else torch.zeros(
+            L, num_blocks, self.n_kv_heads, block_size, self.v_dim, dtype=dtype, device=device)
+        self.meta: Optional[StepMetadata] = None
+        self.use_triton = self.device.type == "cuda"
+        self._arange: Optional[torch.Tensor] = None  # cached 0..n-1 for the decode masks
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return cfg.kv_cache_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k_buf.nbytes + (0 if self.v_buf is None else self.v_buf.nbytes)
+
+    def k_cache(self, layer: int) -> torch.Tensor:
+        """Layer's K (MLA: the latent) in the logical layout [num_blocks, block_size, Hkv, Dqk] (a view)."""
+        return self.k_buf[layer].transpose(1, 2)
+
+    def v_cache(self, layer: int) -> Optional[torch.Tensor]:
+        return None if self.v_buf is None else self.v_buf[layer].transpose(1, 2)
+
+    # ---- block copies (copy-on-write) -----------------------------------------------------------
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        self.k_buf[:, dst] = self.k_buf[:, src]
+        if self.v_buf is not None:
+            self.v_buf[:, dst] = self.v_buf[:, src]
+
+    # ---- step metadata ----------------------------------------------------------------------
+    def _write_index(self, slots: torch.Tensor) -> torch.Tensor:
+        bs, H = self.block_size, self.n_kv_heads
+        h = torch.arange(H, device=self.device)
+        return ((slots // bs * H)[:, None] + h) * bs + (slots % bs)[:, None]  # [W, H] -> flattened below
+
+    def _gather(self, tables: torch.Tensor) -> torch.Tensor:
+        """(block, head) rows for tables [S, nblk] (int64), ordered [S, Hkv, nblk]."""
+        H = self.n_kv_heads
+        h = torch.arange(H, device=self.device)
+        return (tables[:, None, :] * H + h[None, :, None]).reshape(-1)
+
+    def _tables(self, block_tables: list[list[int]], num_blocks: int) -> torch.Tensor:
+        rows = [t[:num_blocks] + [0] * (num_blocks - min(len(t), num_blocks)) for t in block_tables]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def begin_decode(self, block_tables: list[list[int]], context_lens: list[int]) -> None:
+        """One new token per sequence, at position context_len - 1. The index lists are built in plain
+        Python (a few hundred ints), then turned into tensors once: cheaper than a chain of small ops."""
+        bs, H, dev = self.block_size, self.n_kv_heads, self.device
+        nblk = -(-max(context_lens) // bs)
+        heads = range(H)
+        write, gather = [], []
+        for t, n in zip(block_tables, context_lens):
+            p = n - 1
+            base = t[p // bs] * H
+            write += [(base + h) * bs + p % bs for h in heads]
+            t = t[:nblk] + [0] * (nblk - min(len(t), nblk))  # padding reads block 0, masked below
+            for h in heads:
+                gather += [b * H + h for b in t]
+        L = nblk * bs
+        lens = torch.tensor(context_lens, dtype=torch.int32)
+        if self._arange is None or self._arange.numel() < L:
+            self._arange = torch.arange(max(L, 1024), dtype=torch.int32)
+        invalid = self._arange[:L] >= lens[:, None]
+        bias = torch.zeros(invalid.shape).masked_fill_(invalid, float("-inf"))  # [B, L]
+        B = len(context_lens)
+        group = AttnGroup(B, 1, L, torch.tensor(gather, device=dev), bias.view(B, 1, 1, L).to(dev))
+        tables = self._tables(block_tables, nblk).to(torch.int32) if self.use_triton else None
+        self.meta = StepMetadata(False, torch.tensor(write, device=dev), None, tables, lens.to(dev), [group], B)
+
+    def begin_prefill(self, block_tables: list[list[int]], q_lens: list[int], ctx_lens: list[int],
+                      slot_mapping: list[int]) -> None:
+        """q_lens[i] new tokens of sequence i are packed in order; slot_mapping: one slot per packed token."""
+        bs, dev = self.block_size, self.device
+        slots = torch.tensor(slot_mapping, dtype=torch.long, device=dev)
+        write_rows = None
+        if min(slot_mapping) < 0:
+            write_rows = (slots >= 0).nonzero().squeeze(1)
+            slots = slots[write_rows]
+        nblk = -(-max(ctx_lens) // bs)
+        tables = self._tables(block_tables, nblk)
+        meta = StepMetadata(True, self._write_index(slots).reshape(-1), write_rows, tables.to(torch.int32),
+                            torch.tensor(ctx_lens, dtype=torch.int32, device=dev), num_tokens=len(slot_mapping))
+        starts, acc = [], 0
+        for q in q_lens:
+            starts.append(acc)
+            acc += q
+        for members in self._group(q_lens, ctx_lens):
+            meta.groups.append(self._prefill_group(members, tables, q_lens, ctx_lens, starts))
+        if len(meta.groups) == 1:  # one group covering every token in order: no scatter needed
+            g = meta.groups[0]
+            if torch.equal(g.out_rows, torch.arange(acc, device=dev)):
+                g.out_rows = None
+                if g.causal:
+                    g.q_rows = None
+        self.meta = meta
+
+    @staticmethod
+    def _group(q_lens, ctx_lens) -> list[list[int]]:
+        """Sequences by decreasing context; a new group whenever padding would more than double the work."""
+        order = sorted(range(len(q_lens)), key=lambda i: (-ctx_lens[i], -q_lens[i]))
+        groups, cur, work, qmax, lmax = [], [], 0, 0, 0
+        for i in order:
+            q, c = q_lens[i], ctx_lens[i]
+            nq, nl, nw = max(qmax, q), max(lmax, c), work + q * c
+            if cur and (len(cur) + 1) * nq * nl > 2 * nw + 4096:
+                groups.append(cur)
+                cur, work, nq, nl, nw = [], 0, q, c, q * c
+            cur.append(i)
+            qmax, lmax, work = nq, nl, nw
+        groups.append(cur)
+        return groups
+
+    def _prefill_group(self, members, tables, q_lens, ctx_lens, starts) -> AttnGroup:
+        bs, dev = self.block_size, self.device
+        G = self.n_q_heads // self.n_kv_heads
+        S = len(members)
+        idx = torch.tensor(members, device=dev)
+        ql = torch.tensor([q_lens[i] for i in members], device=dev)
+        cl = torch.tensor([ctx_lens[i] for i in members], device=dev)
+        st = torch.tensor([starts[i] for i in members], device=dev)
+        Q = max(q_lens[i] for i in members)
+        nblk = -(-max(ctx_lens[i] for i in members) // bs)
+        L = nblk * bs
+        gather = self._gather(tables.index_select(0, idx)[:, :nblk])
+        if all(q_lens[i] == ctx_lens[i] == Q for i in members):
+            # Whole prompts of one length: top-left causal attention over the first Q keys (the padded
+            # keys past Q are never visible), no mask to build or read.
+            rows = torch.cat([torch.arange(starts[i], starts[i] + Q, device=dev) for i in members])
+            return AttnGroup(S, Q, L, gather, None, causal=True, q_rows=rows, out_rows=rows)
+        qi = torch.arange(Q, device=dev)
+        q_valid = qi < ql[:, None]  # [S, Q]
+        q_rows = torch.where(q_valid, st[:, None] + qi, 0).reshape(-1)
+        out_sel = q_valid.reshape(-1).nonzero().squeeze(1)
+        out_rows = q_rows.index_select(0, out_sel)
+        kj = torch.arange(L, device=dev)
+        last_visible = (cl - ql)[:, None] + qi  # [S, Q]: query i sees keys j <= C - n + i
+        allowed = kj <= last_visible[:, :, None]  # [S, Q, L]
+        allowed |= ~q_valid[:, :, None] & (kj == 0)  # padded query slots see key 0: no NaN rows
+        bias = torch.zeros(S, Q, L, device=dev).masked_fill_(~allowed, float("-inf"))
+        bias = bias[:, None].expand(S, G, Q, L).reshape(S, 1, G * Q, L)
+        return AttnGroup(S, Q, L, gather, bias, q_rows=q_rows, out_sel=out_sel, out_rows=out_rows)
+
+    # ---- the cache contract ---------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
+               scale: float) -> torch.Tensor:
+        """q [T, Hq, Dqk], k [T, Hkv, Dqk], v [T, Hkv, Dv] or None (MLA latent) -> [T, Hq, Dv]."""
+        meta = self.meta
+        if not meta.is_prefill:
+            if self.use_triton:
+                _write(self.k_buf[layer], k, meta.write_index)
+                if v is not None:
+                    _write(self.v_buf[layer], v, meta.write_index)
+                from kernels import paged_attention_decode
+                return paged_attention_decode(q, self.k_cache(layer), self.v_cache(layer), meta.block_tables,
+                                              meta.context_lens, scale, v_dim=self.v_dim)
+            g = meta.groups[0]
+            # Under torch.compile the decode step goes through the custom op (opaque, mutating the cache
+            # in place); in eager mode the plain function, without the dispatch cost.
+            fn = torch.ops.llm_engine.paged_decode.default if torch.compiler.is_compiling() else paged_decode
+            return fn(q, k, v, self.k_buf, self.v_buf, layer, meta.write_index, g.gather, g.bias, scale, self.v_dim)
+        kb = self.k_buf[layer]
+        vb = None if self.v_buf is None else self.v_buf[layer]
+        _write(kb, k if meta.write_rows is None else k.index_select(0, meta.write_rows), meta.write_index)
+        if vb is not None:
+            _write(vb, v if meta.write_rows is None else v.index_select(0, meta.write_rows), meta.write_index)
+        if len(meta.groups) == 1 and meta.groups[0].out_rows is None:
+            return self._attend_group(q, kb, vb, scale, meta.groups[0])
+        out = q.new_empty(q.shape[0], q.shape[1], self.v_dim)
+        for g in meta.groups:
+            out.index_copy_(0, g.out_rows, self._attend_group(q, kb, vb, scale, g))
+        return out
+
+    def _attend_group(self, q, kb, vb, scale, g: AttnGroup) -> torch.Tensor:
+        H, D, Dv = self.n_kv_heads, self.k_dim, self.v_dim
+        Hq = q.shape[1]
+        G = Hq // H
+        S, Q, L = g.S, g.Q, g.L
+        if g.q_rows is not None:
+            q = q.index_select(0, g.q_rows)
+        if g.causal:
+            k, v = _gather(kb, vb, g.gather, S, L, Dv)
+            if G > 1:
+                k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+            o = _sdpa(q.view(S, Q, Hq, D).transpose(1, 2), k, v, None, scale)  # [S, Hq, Q, Dv]
+            return o.transpose(1, 2).reshape(S * Q, Hq, Dv)
+        # Query rows of one kv head: its G query heads x Q positions.
+        qg = q.view(S, Q, H, G, D).permute(0, 2, 3, 1, 4).reshape(S, H, G * Q, D)
+        o = _gather_attend(qg, kb, vb, g.gather, g.bias, scale, Dv)  # [S, H, G * Q, Dv]
+        o = o.view(S, H, G, Q, Dv).permute(0, 3, 1, 2, 4).reshape(S * Q, Hq, Dv)
+        if g.out_sel is not None:
+            o = o.index_select(0, g.out_sel)
+        return o
+
+
+def _write(buf: torch.Tensor, new: torch.Tensor, write_index: torch.Tensor) -> None:
+    """Store new [W, Hkv, D] into one layer's buffer [num_blocks, Hkv, bs, D] at (token, head) rows."""
+    buf.view(-1, buf.shape[-1]).index_copy_(0, write_index, new.reshape(-1, new.shape[-1]).to(buf.dtype))
+
+
+def _gather_attend(q, kb, vb, gather, bias, scale, v_dim):
+    """q [S, Hkv, R, Dqk] (R query rows per kv head) over the gathered context -> [S, Hkv, R, Dv], in fp32.
+
+    kb/vb: one layer's buffers [num_blocks, Hkv, bs, D]; gather: [S * Hkv * nblk] (block, head) rows;
+    bias [S, 1, R or 1, L] additive mask. MLA (vb None): the values are the first v_dim channels of K."""
+    k, v = _gather(kb, vb, gather, q.shape[0], bias.shape[-1], v_dim)
+    return _sdpa(q, k, v, bias, scale)
+
+
+def _gather(kb, vb, gather, S, L, v_dim):
+    """Context K and V [S, Hkv, L, D] from one layer's buffers: whole (block, head) rows."""
+    H, bs, D = kb.shape[1:]
+    k = kb.reshape(-1, bs * D).index_select(0, gather).view(S, H, L, D)
+    if vb is None:
+        return k, k[..., :v_dim]
+    return k, vb.reshape(-1, bs * v_dim).index_select(0, gather).view(S, H, L, v_dim)
+
+
+def _sdpa(q, k, v, bias, scale):
+    """SDPA in fp32; bias None means causal (top-left aligned)."""
+    dtype = q.dtype
+    if dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).to(dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).to(dtype)
+
+
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], k_buf: torch.Tensor,
+                 v_buf: Optional[torch.Tensor], layer: int, write_index: torch.Tensor, gather: torch.Tensor,
+                 bias: torch.Tensor, scale: float, v_dim: int) -> torch.Tensor:
+    """One decode step of one layer on the torch path: store the new K/V, attend. q [B, Hq, Dqk] -> [B, Hq, Dv].
+
+    A custom op so that a compiled decode step treats it as one opaque call that updates the cache
+    in place (traced, the in-place write into the cache would be functionalised into a copy of it)."""
+    kb = k_buf[layer]
+    vb = None if v_buf is None else v_buf[layer]
+    _write(kb, k, write_index)
+    if vb is not None:
+        _write(vb, v, write_index)
+    B, Hq, D = q.shape
+    H = kb.shape[1]
+    o = _gather_attend(q.view(B, H, Hq // H, D), kb, vb, gather, bias, scale, v_dim)  # kv head x its query heads
+    return o.reshape(B, Hq, v_dim)
+
+
+# The same function as an operator, for compiled decode steps only: an opaque call that updates the
+# cache in place (traced, the in-place writes would be functionalised into copies of the cache).
+# Registered with the low-level torch.library API: torch.library.custom_op's Python wrappers cost
+# about 0.3 ms per call here, more than the attention itself at batch 1.
+_lib = torch.library.Library("llm_engine", "DEF")
+_lib.define("paged_decode(Tensor q, Tensor k, Tensor? v, Tensor(a!) k_buf, Tensor(b!)? v_buf, int layer, "
+            "Tensor write_index, Tensor gather, Tensor bias, float scale, int v_dim) -> Tensor")
+for _key in ("CPU", "CUDA"):
+    _lib.impl("paged_decode", paged_decode, _key)
+
+
+@torch.library.register_fake("llm_engine::paged_decode", lib=_lib)
+def _(q, k, v, k_buf, v_buf, layer, write_index, gather, bias, scale, v_dim):
+    return q.new_empty(q.shape[0], q.shape[1], v_dim)

@@ -1,0 +1,103 @@
+"""The sampler: logits [B, vocab] -> one token per row, each row under its own SamplingParams.
+
+Order: repetition penalty, then (for rows with temperature > 0) temperature, top-k, top-p, min-p, and
+a draw. Temperature 0 is greedy: argmax of the (penalised) logits.
+
+Each sequence draws from its own torch.Generator (seeded from the request's seed), one uniform number
+per sampled token, and picks the token by inverse CDF: a row's token depends only on its logits and
+its generator, never on which other sequences share the batch.
+"""
+
+from typing import Optional, Sequence as Seq
+
+import torch
+
+from .sampling_params import SamplingParams
+
+SEED_STRIDE = 0x9E3779B97F4A7C15  # mixes the sample index into the seed (golden-ratio increment)
+
+
+def make_generator(seed: int, sample_index: int = 0) -> torch.Generator:
+    """Sample i of a request draws from a generator seeded by (seed, i)."""
+    return torch.Generator().manual_seed((seed + sample_index * SEED_STRIDE) % (2 ** 63))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> torch.Tensor:
+    """One row [V]: tokens already seen get logit / penalty if positive, logit * penalty if not."""
+    if penalty == 1.0 or not token_ids:
+        return logits
+    ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Mask filtered-out logits with -inf. logits [B, V] (already divided by the temperature);
+    top_k [B] int (0 = off), top_p [B] float (1 = off), min_p [B] float (0 = off).
+
+    top-k keeps exactly k tokens (ties broken by the lower token id). top-p then keeps, among those,
+    the most likely tokens until their (renormalised) mass reaches top_p, including the token that
+    crosses it. min-p keeps tokens with probability >= min_p * the top probability. The most likely
+    token always survives."""
+    B, V = logits.shape
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    rank = torch.arange(V, device=logits.device)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    remove = rank[None, :] >= k[:, None]  # in sorted order
+    if bool((top_p < 1).any()):
+        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+        remove |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
+    if bool((min_p > 0).any()):
+        probs = sorted_logits.softmax(-1)
+        remove |= probs < min_p[:, None] * probs[:, :1]
+    remove[:, 0] = False
+    mask = torch.zeros_like(remove).scatter_(1, order, remove)
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: probs [B, V] (rows need not sum to 1), uniforms [B] in [0, 1) -> [B] ids.
+    Only tokens with positive probability can be drawn."""
+    cdf = probs.cumsum(-1)
+    x = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
+    idx = torch.searchsorted(cdf, x, right=True).squeeze(1)
+    # u * total may round up to total: fall back to the last token with positive probability.
+    last_pos = probs.shape[1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)
+    return torch.minimum(idx, last_pos)
+
+
+class Sampler:
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
+                 generators: Seq[Optional[torch.Generator]], histories: Seq[list[int]]) -> list[int]:
+        """logits [B, V] float32; one SamplingParams, generator and token history (prompt + output) per row."""
+        rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if rows:
+            logits = logits.clone()
+            for i in rows:
+                logits[i] = apply_repetition_penalty(logits[i], histories[i], params[i].repetition_penalty)
+        tokens = logits.argmax(-1)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            dev = logits.device
+            sub = logits[sampled] if len(sampled) < len(params) else logits
+            ps = [params[i] for i in sampled]
+            temp = torch.tensor([p.temperature for p in ps], device=dev)
+            top_k = torch.tensor([p.top_k for p in ps], device=dev)
+            top_p = torch.tensor([p.top_p for p in ps], device=dev)
+            min_p = torch.tensor([p.min_p for p in ps], device=dev)
+            x = sub / temp[:, None]
+            if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in ps):
+                x = filter_logits(x, top_k, top_p, min_p)
+            probs = x.softmax(-1)
+            u = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled]).to(dev)
+            drawn = sample_from_probs(probs, u)
+            if len(sampled) == len(params):
+                tokens = drawn
+            else:
+                tokens[torch.tensor(sampled, device=dev)] = drawn
+        return tokens.tolist()

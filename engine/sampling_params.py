@@ -1,0 +1,65 @@
+"""SamplingParams: how one request is decoded. Plain data, validated when built."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings.
+
+    temperature         0 means greedy (argmax); > 0 divides the logits before sampling.
+    top_k               keep the k most likely tokens (0 = off).
+    top_p               keep the smallest set of most likely tokens whose mass reaches top_p; the token
+                        that crosses the threshold is kept (1.0 = off).
+    min_p               keep tokens whose probability is at least min_p times the top token's (0 = off).
+    repetition_penalty  CTRL/HF-style: a logit of a token already in the prompt or the output is divided
+                        by the penalty if positive, multiplied if negative (1.0 = off).
+    max_new_tokens      at most this many generated tokens (generation also stops at the model's context).
+    stop                strings that end generation; the text is cut before the first one found.
+    ignore_eos          keep going after the end-of-text token (benchmarks).
+    seed                seeds this request's own generator, so its samples do not depend on which other
+                        requests share the batch. None: drawn from torch's global RNG at submission.
+    n                   number of independent samples (they share the prompt's KV blocks).
+    return_logits       keep the raw model logits of every generated position (tests, debugging).
+
+    The filters apply in this order: repetition penalty, temperature, top-k, top-p, min-p.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+    n: int = 1
+    return_logits: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        need(self.top_k >= 0 or self.top_k == -1, f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.top_k == -1:
+            self.top_k = 0
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        need(self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        need(self.n >= 1, f"the number of samples must be >= 1, got {self.n}")
+        need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")

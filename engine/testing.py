@@ -1,0 +1,63 @@
+"""Small builders for tests and examples: a tiny random model and a complete checkpoint folder."""
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from model import ModelConfig, Transformer
+
+EOS = "<|endoftext|>"
+
+
+def tiny_config(attention: str = "gqa", **overrides) -> ModelConfig:
+    """dim 64, 2 layers, 4 query heads (MHA: 4 kv heads, GQA: 2, MQA: 1; MLA: latent 32 + rope 8)."""
+    kv = {"mha": 4, "gqa": 2, "mqa": 1, "mla": 4}[attention]
+    kw = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=kv, ffn_dim=128, max_seq_len=256,
+              attention=attention, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def tiny_model(attention: str = "gqa", seed: int = 0, weight_scale: float = 2.0, **overrides) -> Transformer:
+    """A seeded random model in fp32. weight_scale > 1 sharpens the logits, so greedy decoding has clear
+    winners (top-2 margins far above float32 noise) and the generated text is not constant."""
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(attention, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(weight_scale)
+    return model
+
+
+def train_tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE trained on a few sentences, with the end-of-text special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["To be, or not to be, that is the question.", "Once upon a time there was a small model.",
+            "The quick brown fox jumps over the lazy dog.", "ROMEO: But soft, what light through yonder window breaks?"]
+    tok.train_from_iterator(text * 20, trainer)
+    return tok
+
+
+def write_checkpoint(root: Path, attention: str = "gqa", seed: int = 0, step: int = 1, **overrides) -> Path:
+    """A run folder `root` with checkpoints/latest holding a tiny random model and its tokenizer."""
+    from training.checkpoint import save_checkpoint
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tok = train_tiny_tokenizer()
+    tok_path = root / "tokenizer.json"
+    tok.save(str(tok_path))
+    vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    model = tiny_model(attention, seed=seed, vocab_size=vocab, **overrides)
+    config = {"model": asdict(model.cfg), "data": {}, "train": {}}
+    save_checkpoint(root / "checkpoints", step, model.state_dict(), {"step": step}, config, tok_path,
+                    tied_embeddings=model.cfg.tie_embeddings)
+    return root

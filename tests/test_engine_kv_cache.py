@@ -1,0 +1,177 @@
+"""The cache's attention against independent references, on random non-contiguous block tables.
+
+Decode is checked against kernels.paged_attention_decode_torch (reading the cache through its
+logical [num_blocks, block_size, Hkv, D] view); prefill against a naive per-sequence softmax over the
+sequence's context with the causal offset of the cached prefix.
+"""
+
+import pytest
+import torch
+
+from engine.kv_cache import PagedKVCache
+from engine.testing import tiny_config
+from kernels import paged_attention_decode_torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tiny models gain nothing from threads, and on a busy machine OpenMP's waits cost more than
+    the work: run single-threaded, restoring the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+VARIANTS = ["mha", "gqa", "mqa", "mla"]
+
+
+def dims(cache):
+    cfg = cache.cfg
+    Hq = cfg.n_heads
+    return Hq, cache.n_kv_heads, cache.k_dim, cache.v_dim
+
+
+def random_tables(num_blocks, lens, bs, gen):
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, i = [], 0
+    for n in lens:
+        k = -(-n // bs)
+        tables.append(perm[i:i + k])
+        i += k
+    return tables
+
+
+def fill(cache, tables, lens, gen):
+    """Random K/V for every position of every sequence, written straight into the buffers."""
+    bs = cache.block_size
+    for table, n in zip(tables, lens):
+        for pos in range(n):
+            b, off = table[pos // bs], pos % bs
+            cache.k_buf[:, b, :, off] = torch.randn(cache.k_buf[:, b, :, off].shape, generator=gen)
+            if cache.v_buf is not None:
+                cache.v_buf[:, b, :, off] = torch.randn(cache.v_buf[:, b, :, off].shape, generator=gen)
+
+
+def naive(q, keys, values, offset, scale):
+    """q [n, Hq, D], keys [C, Hkv, D], values [C, Hkv, Dv]; query i sees keys 0 .. offset + i."""
+    Hq, Hkv = q.shape[1], keys.shape[1]
+    rep = Hq // Hkv
+    k = keys.repeat_interleave(rep, dim=1).double()
+    v = values.repeat_interleave(rep, dim=1).double()
+    s = torch.einsum("nhd,chd->hnc", q.double(), k) * scale
+    C = keys.shape[0]
+    mask = torch.arange(C)[None, :] <= offset + torch.arange(q.shape[0])[:, None]
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hnc,chd->nhd", s.softmax(-1), v).float()
+
+
+@pytest.mark.parametrize("attention", VARIANTS)
+@pytest.mark.parametrize("bs", [1, 4, 16])
+def test_decode_matches_kernel_reference(attention, bs):
+    gen = torch.Generator().manual_seed(0)
+    cfg = tiny_config(attention, n_layers=2)
+    cache = PagedKVCache(cfg, 64 * 16 // bs + 8, bs, torch.float32, "cpu")
+    Hq, Hkv, D, Dv = dims(cache)
+    lens = [1, 7, 33, 50, 17]  # not multiples of the block size
+    tables = random_tables(cache.num_blocks, lens, bs, gen)
+    fill(cache, tables, [n - 1 for n in lens], gen)  # the last token is written by attend itself
+    cache.begin_decode(tables, lens)
+    B = len(lens)
+    q = torch.randn(B, Hq, D, generator=gen)
+    k = torch.randn(B, Hkv, D, generator=gen)
+    v = None if attention == "mla" else torch.randn(B, Hkv, Dv, generator=gen)
+    scale = 0.3
+    for layer in range(cfg.n_layers):
+        out = cache.attend(layer, q, k, v, scale)
+        bt = torch.tensor([t + [0] * (64 - len(t)) for t in tables], dtype=torch.int32)
+        ref = paged_attention_decode_torch(q, cache.k_cache(layer), cache.v_cache(layer), bt,
+                                           torch.tensor(lens, dtype=torch.int32), scale, v_dim=Dv)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        # The new token's K/V went to its slot.
+        for i, (t, n) in enumerate(zip(tables, lens)):
+            pos = n - 1
+            torch.testing.assert_close(cache.k_cache(layer)[t[pos // bs], pos % bs], k[i])
+
+
+# (cached prefix, new tokens). Mixed: no prefix, a prefix, one new token, lengths far apart (several
+# padded groups with masks). Uniform: whole prompts of one length (one causal group, no mask).
+MIXED = [(0, 5), (32, 9), (16, 1), (0, 70), (48, 3), (3, 120)]
+UNIFORM = [(0, 21), (0, 21), (0, 21)]
+
+
+@pytest.mark.parametrize("attention", VARIANTS)
+@pytest.mark.parametrize("bs,cases", [(1, MIXED), (16, MIXED), (16, UNIFORM), (4, UNIFORM[:1])],
+                         ids=["bs1-mixed", "bs16-mixed", "bs16-uniform", "bs4-single"])
+def test_prefill_with_cached_prefixes(attention, bs, cases):
+    gen = torch.Generator().manual_seed(1)
+    cfg = tiny_config(attention, n_layers=1)
+    cache = PagedKVCache(cfg, 300 // bs + 16, bs, torch.float32, "cpu")
+    Hq, Hkv, D, Dv = dims(cache)
+    lens = [c + n for c, n in cases]
+    tables = random_tables(cache.num_blocks, lens, bs, gen)
+    fill(cache, tables, [c for c, _ in cases], gen)
+    slots, q_lens = [], []
+    for (c, n), t in zip(cases, tables):
+        slots += [t[p // bs] * bs + p % bs for p in range(c, c + n)]
+        q_lens.append(n)
+    cache.begin_prefill(tables, q_lens, lens, slots)
+    groups = cache.meta.groups
+    if cases is MIXED:  # several padded groups with masks
+        assert len(groups) > 1 and not all(g.causal for g in groups)
+    else:  # whole prompts of one length: one causal group, no mask
+        assert len(groups) == 1 and groups[0].causal and groups[0].bias is None
+    T = sum(q_lens)
+    q = torch.randn(T, Hq, D, generator=gen)
+    k = torch.randn(T, Hkv, D, generator=gen)
+    v = None if attention == "mla" else torch.randn(T, Hkv, Dv, generator=gen)
+    out = cache.attend(0, q, k, v, 0.25)
+    start = 0
+    for (c, n), t in zip(cases, tables):
+        j = torch.arange(c + n)
+        keys = cache.k_cache(0)[torch.tensor(t)[j // bs], j % bs]  # [C, Hkv, D]
+        values = keys[..., :Dv] if v is None else cache.v_cache(0)[torch.tensor(t)[j // bs], j % bs]
+        torch.testing.assert_close(keys[c:], k[start:start + n])  # written before attending
+        ref = naive(q[start:start + n], keys, values, c, 0.25)
+        torch.testing.assert_close(out[start:start + n], ref, atol=1e-5, rtol=1e-5)
+        start += n
+
+
+def test_prefill_skips_slots_marked_minus_one():
+    cfg = tiny_config("gqa", n_layers=1)
+    cache = PagedKVCache(cfg, 8, 4, torch.float32, "cpu")
+    cache.k_buf.fill_(7.0)
+    cache.begin_prefill([[0, 1]], [2], [8], [-1, 7])
+    k = torch.zeros(2, cache.n_kv_heads, cache.k_dim)
+    cache.attend(0, torch.zeros(2, 4, cache.k_dim), k, torch.zeros_like(k), 1.0)
+    assert (cache.k_cache(0)[1, 2] == 7).all() and (cache.k_cache(0)[1, 3] == 0).all()
+
+
+def test_copy_blocks():
+    cfg = tiny_config("mla", n_layers=2)
+    cache = PagedKVCache(cfg, 4, 2, torch.float32, "cpu")
+    cache.k_buf[:, 1] = torch.arange(cache.k_buf[:, 1].numel(), dtype=torch.float32).view_as(cache.k_buf[:, 1])
+    cache.copy_blocks([(1, 3)])
+    assert torch.equal(cache.k_buf[:, 3], cache.k_buf[:, 1])
+
+
+@pytest.mark.parametrize("attention", VARIANTS)
+def test_cuda_decode_path_through_the_triton_kernel(attention, monkeypatch):
+    """The CUDA decode branch (the Triton kernel reading the head-major buffers through strided views),
+    run on CPU by Triton's interpreter, against the torch path."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gen = torch.Generator().manual_seed(3)
+    cfg = tiny_config(attention, n_layers=1)
+    cache = PagedKVCache(cfg, 40, 4, torch.float32, "cpu")
+    Hq, Hkv, D, Dv = dims(cache)
+    lens = [3, 9, 14]
+    tables = random_tables(cache.num_blocks, lens, 4, gen)
+    fill(cache, tables, [n - 1 for n in lens], gen)
+    q = torch.randn(3, Hq, D, generator=gen)
+    k = torch.randn(3, Hkv, D, generator=gen)
+    v = None if attention == "mla" else torch.randn(3, Hkv, Dv, generator=gen)
+    cache.begin_decode(tables, lens)
+    torch_out = cache.attend(0, q, k, v, 0.3)
+    cache.use_triton = True
+    cache.begin_decode(tables, lens)
+    triton_out = cache.attend(0, q, k, v, 0.3)
+    torch.testing.assert_close(triton_out, torch_out, atol=1e-4, rtol=1e-4)
