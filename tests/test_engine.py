@@ -15,14 +15,7 @@ from engine import LLM, RequestTooLarge, SamplingParams
 from engine.testing import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models gain nothing from threads, and on a busy machine OpenMP's waits cost more than
-    the work: run single-threaded, restoring the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = ["mha", "gqa", "mqa", "mla"]
 _models = {}

@@ -9,14 +9,7 @@ from engine.sampler import Sampler, apply_repetition_penalty, filter_logits, mak
 from engine.sampling_params import SamplingParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models gain nothing from threads, and on a busy machine OpenMP's waits cost more than
-    the work: run single-threaded, restoring the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NEG = float("-inf")
 
