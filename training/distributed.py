@@ -126,11 +126,6 @@ def reports_error(error: BaseException) -> bool:
     return getattr(error, "reported_by", rank) == rank
 
 
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier(group=info.cpu_group)
-
-
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank if `flag` is true on any (e.g. one rank's clock says the time budget is spent)."""
     if not info.distributed:
