@@ -23,11 +23,15 @@ how identical prompts admitted together share blocks). Then it attends:
            causally: with context length C and n new tokens, new token i sits at position C - n + i
            and sees keys 0 .. C - n + i. Sequences are grouped by length; each group is gathered into
            a padded batch and run through SDPA with an explicit mask, in fp32.
-  decode   one new token per sequence. CUDA: the Triton paged kernel (kernels.paged_attention_decode).
-           CPU: the same gather + SDPA, with a kv head's group of query heads as the query rows
-           (the math of kernels.paged_attention_decode_torch, which the tests compare against,
-           with the index work done once per step instead of once per layer). Under torch.compile
-           this step is the custom op llm_engine::paged_decode, opaque to the compiler.
+  decode   one new token per sequence. CUDA: the new K/V are written, then the Triton paged kernel
+           (kernels.paged_attention_decode) reads through the block tables. CPU: each sequence's
+           context is gathered (whole blocks, masked past its length), the new token's K/V is put
+           into the gathered copy at its position, and attention runs as SDPA with a kv head's group
+           of query heads as the query rows (the math of kernels.paged_attention_decode_torch, which
+           the tests compare against, with the index work done once per step instead of once per
+           layer). The new K/V of every layer are held back and written to the cache in one op after
+           the forward (`commit_decode`): the forward itself only reads the cache, so a compiled decode
+           step is a pure function (its attention one opaque operator per layer, llm_engine::decode_attend).
 
 A slot of -1 in a prefill's slot mapping means "do not write": that token's K/V is already in a
 cached block (the recomputed last token of a prompt that hit the prefix cache completely).
@@ -60,6 +64,7 @@ class AttnGroup:
 class StepMetadata:
     is_prefill: bool
     write_index: torch.Tensor  # [W * Hkv] rows of the (token, head) view of the buffers to write
+    new_rows: Optional[torch.Tensor]  # decode: [S * Hkv] rows of the gathered context that hold the new token
     write_rows: Optional[torch.Tensor]  # [W] packed tokens that are written; None = all
     block_tables: Optional[torch.Tensor]  # [S, max_blocks] int32, padded with 0 (decode: CUDA only)
     context_lens: torch.Tensor  # [S] int32: cached + new tokens of each sequence
@@ -132,16 +137,17 @@ class PagedKVCache:
         Python (a few hundred ints), then turned into tensors once: cheaper than a chain of small ops."""
         bs, H, dev = self.block_size, self.n_kv_heads, self.device
         nblk = -(-max(context_lens) // bs)
+        L = nblk * bs
         heads = range(H)
-        write, gather = [], []
-        for t, n in zip(block_tables, context_lens):
+        write, gather, new_rows = [], [], []
+        for i, (t, n) in enumerate(zip(block_tables, context_lens)):
             p = n - 1
             base = t[p // bs] * H
             write += [(base + h) * bs + p % bs for h in heads]
+            new_rows += [(i * H + h) * L + p for h in heads]
             t = t[:nblk] + [0] * (nblk - min(len(t), nblk))  # padding reads block 0, masked below
             for h in heads:
                 gather += [b * H + h for b in t]
-        L = nblk * bs
         lens = torch.tensor(context_lens, dtype=torch.int32)
         if self._arange is None or self._arange.numel() < L:
             self._arange = torch.arange(max(L, 1024), dtype=torch.int32)
@@ -150,7 +156,9 @@ class PagedKVCache:
         B = len(context_lens)
         group = AttnGroup(B, 1, L, torch.tensor(gather, device=dev), bias.view(B, 1, 1, L).to(dev))
         tables = self._tables(block_tables, nblk).to(torch.int32) if self.use_triton else None
-        self.meta = StepMetadata(False, torch.tensor(write, device=dev), None, tables, lens.to(dev), [group], B)
+        self.meta = StepMetadata(False, torch.tensor(write, device=dev), torch.tensor(new_rows, device=dev), None,
+                                 tables, lens.to(dev), [group], B)
+        self._new_k, self._new_v = [], []
 
     def begin_prefill(self, block_tables: list[list[int]], q_lens: list[int], ctx_lens: list[int],
                       slot_mapping: list[int]) -> None:
@@ -163,7 +171,7 @@ class PagedKVCache:
             slots = slots[write_rows]
         nblk = -(-max(ctx_lens) // bs)
         tables = self._tables(block_tables, nblk)
-        meta = StepMetadata(True, self._write_index(slots).reshape(-1), write_rows, tables.to(torch.int32),
+        meta = StepMetadata(True, self._write_index(slots).reshape(-1), None, write_rows, tables.to(torch.int32),
                             torch.tensor(ctx_lens, dtype=torch.int32, device=dev), num_tokens=len(slot_mapping))
         starts, acc = [], 0
         for q in q_lens:
@@ -238,11 +246,15 @@ class PagedKVCache:
                 from kernels import paged_attention_decode
                 return paged_attention_decode(q, self.k_cache(layer), self.v_cache(layer), meta.block_tables,
                                               meta.context_lens, scale, v_dim=self.v_dim)
+            self._new_k.append(k)
+            if v is not None:
+                self._new_v.append(v)
             g = meta.groups[0]
-            # Under torch.compile the decode step goes through the custom op (opaque, mutating the cache
-            # in place); in eager mode the plain function, without the dispatch cost.
-            fn = torch.ops.llm_engine.paged_decode.default if torch.compiler.is_compiling() else paged_decode
-            return fn(q, k, v, self.k_buf, self.v_buf, layer, meta.write_index, g.gather, g.bias, scale, self.v_dim)
+            # Compiled decode steps call the operator (opaque to the compiler, whose generated gathers
+            # with dynamic shapes are several times slower); eager calls the function directly.
+            fn = torch.ops.llm_engine.decode_attend.default if torch.compiler.is_compiling() else decode_attend
+            return fn(q, k, v, self.k_buf[layer], None if self.v_buf is None else self.v_buf[layer],
+                      g.gather, meta.new_rows, g.bias, scale, self.v_dim)
         kb = self.k_buf[layer]
         vb = None if self.v_buf is None else self.v_buf[layer]
         _write(kb, k if meta.write_rows is None else k.index_select(0, meta.write_rows), meta.write_index)
@@ -255,6 +267,18 @@ class PagedKVCache:
             out.index_copy_(0, g.out_rows, self._attend_group(q, kb, vb, scale, g))
         return out
 
+    def new_kv(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The decode step's new K (and V) of every layer, [n_layers, S * Hkv, D], for commit_decode."""
+        k = torch.stack(self._new_k).flatten(1, 2)
+        return k, torch.stack(self._new_v).flatten(1, 2) if self._new_v else None
+
+    def commit_decode(self, k: torch.Tensor, v: Optional[torch.Tensor]) -> None:
+        """Write a decode step's new K/V (from new_kv) of all layers into the cache: one copy per buffer."""
+        idx = self.meta.write_index
+        self.k_buf.view(self.k_buf.shape[0], -1, self.k_dim).index_copy_(1, idx, k.to(self.dtype))
+        if v is not None:
+            self.v_buf.view(self.v_buf.shape[0], -1, self.v_dim).index_copy_(1, idx, v.to(self.dtype))
+
     def _attend_group(self, q, kb, vb, scale, g: AttnGroup) -> torch.Tensor:
         H, D, Dv = self.n_kv_heads, self.k_dim, self.v_dim
         Hq = q.shape[1]
@@ -262,15 +286,15 @@ class PagedKVCache:
         S, Q, L = g.S, g.Q, g.L
         if g.q_rows is not None:
             q = q.index_select(0, g.q_rows)
+        k, v = _gather(kb, vb, g.gather, S, L, Dv)
         if g.causal:
-            k, v = _gather(kb, vb, g.gather, S, L, Dv)
             if G > 1:
                 k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
             o = _sdpa(q.view(S, Q, Hq, D).transpose(1, 2), k, v, None, scale)  # [S, Hq, Q, Dv]
             return o.transpose(1, 2).reshape(S * Q, Hq, Dv)
         # Query rows of one kv head: its G query heads x Q positions.
         qg = q.view(S, Q, H, G, D).permute(0, 2, 3, 1, 4).reshape(S, H, G * Q, D)
-        o = _gather_attend(qg, kb, vb, g.gather, g.bias, scale, Dv)  # [S, H, G * Q, Dv]
+        o = _sdpa(qg, k, v, g.bias, scale)  # [S, H, G * Q, Dv]
         o = o.view(S, H, G, Q, Dv).permute(0, 3, 1, 2, 4).reshape(S * Q, Hq, Dv)
         if g.out_sel is not None:
             o = o.index_select(0, g.out_sel)
@@ -280,15 +304,6 @@ class PagedKVCache:
 def _write(buf: torch.Tensor, new: torch.Tensor, write_index: torch.Tensor) -> None:
     """Store new [W, Hkv, D] into one layer's buffer [num_blocks, Hkv, bs, D] at (token, head) rows."""
     buf.view(-1, buf.shape[-1]).index_copy_(0, write_index, new.reshape(-1, new.shape[-1]).to(buf.dtype))
-
-
-def _gather_attend(q, kb, vb, gather, bias, scale, v_dim):
-    """q [S, Hkv, R, Dqk] (R query rows per kv head) over the gathered context -> [S, Hkv, R, Dv], in fp32.
-
-    kb/vb: one layer's buffers [num_blocks, Hkv, bs, D]; gather: [S * Hkv * nblk] (block, head) rows;
-    bias [S, 1, R or 1, L] additive mask. MLA (vb None): the values are the first v_dim channels of K."""
-    k, v = _gather(kb, vb, gather, q.shape[0], bias.shape[-1], v_dim)
-    return _sdpa(q, k, v, bias, scale)
 
 
 def _gather(kb, vb, gather, S, L, v_dim):
@@ -305,40 +320,38 @@ def _sdpa(q, k, v, bias, scale):
     dtype = q.dtype
     if dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
-    if bias is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).to(dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).to(dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None, scale=scale)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
-def paged_decode(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], k_buf: torch.Tensor,
-                 v_buf: Optional[torch.Tensor], layer: int, write_index: torch.Tensor, gather: torch.Tensor,
-                 bias: torch.Tensor, scale: float, v_dim: int) -> torch.Tensor:
-    """One decode step of one layer on the torch path: store the new K/V, attend. q [B, Hq, Dqk] -> [B, Hq, Dv].
+def decode_attend(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], kb: torch.Tensor,
+                  vb: Optional[torch.Tensor], gather: torch.Tensor, new_rows: torch.Tensor, bias: torch.Tensor,
+                  scale: float, v_dim: int) -> torch.Tensor:
+    """One decode step of one layer on the torch path, reading the cache only. q [B, Hq, Dqk] -> [B, Hq, Dv].
 
-    A custom op so that a compiled decode step treats it as one opaque call that updates the cache
-    in place (traced, the in-place write into the cache would be functionalised into a copy of it)."""
-    kb = k_buf[layer]
-    vb = None if v_buf is None else v_buf[layer]
-    _write(kb, k, write_index)
-    if vb is not None:
-        _write(vb, v, write_index)
+    kb/vb: one layer's buffers [num_blocks, Hkv, bs, D], not yet holding the new token's k/v [B, Hkv, D];
+    those go into the gathered copy at new_rows (MLA: v is None and the values are K's first v_dim
+    channels, so they come along). bias [B, 1, 1, L] masks the padding past each context."""
     B, Hq, D = q.shape
     H = kb.shape[1]
-    o = _gather_attend(q.view(B, H, Hq // H, D), kb, vb, gather, bias, scale, v_dim)  # kv head x its query heads
-    return o.reshape(B, Hq, v_dim)
+    k_ctx, v_ctx = _gather(kb, vb, gather, B, bias.shape[-1], v_dim)
+    k_ctx.view(-1, D).index_copy_(0, new_rows, k.reshape(-1, D))
+    if vb is not None:
+        v_ctx.view(-1, v_dim).index_copy_(0, new_rows, v.reshape(-1, v_dim))
+    o = _sdpa(q.view(B, H, Hq // H, D), k_ctx, v_ctx, bias, scale)  # a kv head's query heads as its rows
+    return o.view(B, Hq, v_dim)
 
 
-# The same function as an operator, for compiled decode steps only: an opaque call that updates the
-# cache in place (traced, the in-place writes would be functionalised into copies of the cache).
-# Registered with the low-level torch.library API: torch.library.custom_op's Python wrappers cost
-# about 0.3 ms per call here, more than the attention itself at batch 1.
+# The same function as an operator, for compiled decode steps. Registered with the low-level
+# torch.library API: torch.library.custom_op's Python wrappers cost about 0.3 ms per call here, more
+# than the attention itself at batch 1.
 _lib = torch.library.Library("llm_engine", "DEF")
-_lib.define("paged_decode(Tensor q, Tensor k, Tensor? v, Tensor(a!) k_buf, Tensor(b!)? v_buf, int layer, "
-            "Tensor write_index, Tensor gather, Tensor bias, float scale, int v_dim) -> Tensor")
+_lib.define("decode_attend(Tensor q, Tensor k, Tensor? v, Tensor kb, Tensor? vb, Tensor gather, Tensor new_rows, "
+            "Tensor bias, float scale, int v_dim) -> Tensor")
 for _key in ("CPU", "CUDA"):
-    _lib.impl("paged_decode", paged_decode, _key)
+    _lib.impl("decode_attend", decode_attend, _key)
 
 
-@torch.library.register_fake("llm_engine::paged_decode", lib=_lib)
-def _(q, k, v, k_buf, v_buf, layer, write_index, gather, bias, scale, v_dim):
+@torch.library.register_fake("llm_engine::decode_attend", lib=_lib)
+def _(q, k, v, kb, vb, gather, new_rows, bias, scale, v_dim):
     return q.new_empty(q.shape[0], q.shape[1], v_dim)

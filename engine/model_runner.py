@@ -5,9 +5,11 @@ whose prompt starts with cached blocks only computes the rest (at least its last
 prefix hit still yields logits). Decode packs one token per sequence. Only the last token of each
 sequence goes through the LM head.
 
-compile=True compiles the decode step (the whole model forward for one token per sequence, with the
-cache's attention as one opaque custom op per layer) with torch.compile; prefill stays eager. The
-first steps pay the compilation (two graphs: batch 1 and batch >= 2; sizes are dynamic after that).
+A decode step on CPU only reads the cache: the forward returns the new K/V of every layer and the
+runner writes them in one op afterwards (see kv_cache.py). compile=True compiles that forward (the
+whole model for one token per sequence; the attention over the gathered cache stays one opaque
+operator per layer) with torch.compile; prefill stays eager. The first steps pay the compilation (two graphs: batch 1 and
+batch >= 2; sizes are dynamic after that).
 """
 
 import torch
@@ -42,7 +44,7 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.block_size = cache.block_size
         self.device = cache.device
-        self._decode_fn = self._logits
+        self._decode_fn = self._decode_step
         if compile and self.device.type != "cpu":
             raise ValueError("compile=True compiles the CPU decode path; on CUDA decoding uses the Triton paged kernel")
         if compile:
@@ -51,7 +53,10 @@ class ModelRunner:
 
             fx_config.use_duck_shape = False  # do not tie unrelated sizes that happen to be equal
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-            self._decode_fn = torch.compile(self._logits, fullgraph=True, dynamic=False)
+            # cpp_wrapper: the generated code calls its kernels from C++, not from a Python wrapper
+            # (measured: 3-10% faster decode steps at batch 1-16; compilation takes longer, ~40 s cold).
+            self._decode_fn = torch.compile(self._decode_step, fullgraph=True, dynamic=False,
+                                            options={"cpp_wrapper": True})
         self.compiled = compile
 
     @torch.inference_mode()
@@ -81,9 +86,13 @@ class ModelRunner:
         ctx = [s.num_tokens for s in seqs]
         self.cache.begin_decode([s.block_table for s in seqs], ctx)
         idx, pos = self._inputs([s.token_ids[-1] for s in seqs], [n - 1 for n in ctx])
+        if self.cache.use_triton:  # the paged kernel reads the cache: K/V were written layer by layer
+            return self._logits(idx, pos)
         if self.compiled:
             self._mark_dynamic(idx, pos)
-        return self._decode_fn(idx, pos)
+        logits, k, v = self._decode_fn(idx, pos)
+        self.cache.commit_decode(k, v)
+        return logits
 
     def _inputs(self, ids: list[int], positions) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0)
@@ -96,13 +105,18 @@ class ModelRunner:
             h = h.index_select(0, last)
         return self.model.lm_head(h).float()
 
+    def _decode_step(self, idx: torch.Tensor, pos: torch.Tensor):
+        """(logits, new K of every layer, new V or None): reads the cache, writes nothing."""
+        logits = self._logits(idx, pos)
+        return (logits, *self.cache.new_kv())
+
     def _mark_dynamic(self, idx, pos) -> None:
         """Batch and context sizes vary step to step: compile them as symbols, not constants."""
         from torch._dynamo import maybe_mark_dynamic
 
         meta = self.cache.meta
         g = meta.groups[0]
-        for t, dims in ((idx, (1,)), (pos, (1,)), (meta.write_index, (0,)), (g.gather, (0,)), (g.bias, (0, 3))):
+        for t, dims in ((idx, (1,)), (pos, (1,)), (meta.new_rows, (0,)), (g.gather, (0,)), (g.bias, (0, 3))):
             for d in dims:
                 if t.shape[d] > 1:
                     maybe_mark_dynamic(t, d)

@@ -67,23 +67,25 @@ def test_decode_matches_kernel_reference(attention, bs):
     Hq, Hkv, D, Dv = dims(cache)
     lens = [1, 7, 33, 50, 17]  # not multiples of the block size
     tables = random_tables(cache.num_blocks, lens, bs, gen)
-    fill(cache, tables, [n - 1 for n in lens], gen)  # the last token is written by attend itself
+    fill(cache, tables, [n - 1 for n in lens], gen)  # the last token comes with the step
     cache.begin_decode(tables, lens)
     B = len(lens)
     q = torch.randn(B, Hq, D, generator=gen)
     k = torch.randn(B, Hkv, D, generator=gen)
     v = None if attention == "mla" else torch.randn(B, Hkv, Dv, generator=gen)
     scale = 0.3
-    for layer in range(cfg.n_layers):
-        out = cache.attend(layer, q, k, v, scale)
+    outs = [cache.attend(layer, q, k, v, scale) for layer in range(cfg.n_layers)]
+    cache.commit_decode(*cache.new_kv())  # the new K/V of every layer go to their slots after the forward
+    for layer, out in enumerate(outs):
         bt = torch.tensor([t + [0] * (64 - len(t)) for t in tables], dtype=torch.int32)
         ref = paged_attention_decode_torch(q, cache.k_cache(layer), cache.v_cache(layer), bt,
                                            torch.tensor(lens, dtype=torch.int32), scale, v_dim=Dv)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        # The new token's K/V went to its slot.
         for i, (t, n) in enumerate(zip(tables, lens)):
             pos = n - 1
             torch.testing.assert_close(cache.k_cache(layer)[t[pos // bs], pos % bs], k[i])
+            if v is not None:
+                torch.testing.assert_close(cache.v_cache(layer)[t[pos // bs], pos % bs], v[i])
 
 
 # (cached prefix, new tokens). Mixed: no prefix, a prefix, one new token, lengths far apart (several
