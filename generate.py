@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, one sample)")
     p.add_argument("--no-cache", action="store_true", help="decode by full recompute (the slow reference)")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: torch.compile the decode step (a one-off 10-60 s compilation; faster decoding "
+                        "for long or many generations; needs a C++ compiler)")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     return p.parse_args(argv)
 
@@ -101,6 +104,8 @@ def check_args(args) -> None:
         raise InputError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.stream and args.json:
         raise InputError("--stream and --json do not go together")
+    if args.compile and args.no_cache:
+        raise InputError("--compile compiles the cached decode step: drop --no-cache")
 
 
 def check_device(name: str):
@@ -126,6 +131,8 @@ def run(args) -> int:
     if args.stream and (len(prompts) > 1 or args.num_samples > 1):
         raise InputError("--stream prints one generation: give a single prompt and --num-samples 1")
 
+    import torch
+
     from engine import LLM, RequestTooLarge, SamplingParams  # imported late: --help stays fast
     from training.checkpoint import CheckpointError
 
@@ -136,9 +143,12 @@ def run(args) -> int:
     except ValueError as e:
         raise InputError(str(e)) from None
     device = None if args.device == "auto" else check_device(args.device)
+    if args.compile and (device.type == "cuda" if device is not None else torch.cuda.is_available()):
+        raise InputError("--compile is for CPU decoding (CUDA decodes with the Triton paged kernel): "
+                         "drop it or add --device cpu")
     try:
         llm = LLM(args.ckpt, device=device, block_size=args.block_size, num_blocks=args.num_blocks,
-                  use_cache=not args.no_cache)
+                  use_cache=not args.no_cache, compile=args.compile)
     except CheckpointError as e:
         raise InputError(str(e)) from None
 

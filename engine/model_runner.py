@@ -16,7 +16,7 @@ import torch
 
 from model import Transformer
 
-from .kv_cache import PagedKVCache
+from .kv_cache import PagedKVCache, long_tensor
 from .sequence import Sequence
 
 
@@ -95,9 +95,7 @@ class ModelRunner:
         return logits
 
     def _inputs(self, ids: list[int], positions) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(0)
-        return idx, pos
+        return long_tensor(ids, self.device).unsqueeze(0), long_tensor(list(positions), self.device).unsqueeze(0)
 
     def _logits(self, idx: torch.Tensor, pos: torch.Tensor, last=None) -> torch.Tensor:
         h = self.model.hidden_states(idx, pos, self.cache)[0]  # [T, dim]

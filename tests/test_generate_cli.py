@@ -81,6 +81,7 @@ def test_bad_input_gives_one_line_errors(run_dir, tmp_path):
         "empty prompt": (["--ckpt", run_dir, "--prompt", ""], "empty"),
         "too few blocks": (["--ckpt", run_dir, "--num-blocks", "1", "--block-size", "4", "--max-new-tokens", "8"],
                            "KV blocks"),
+        "compile without cache": (["--ckpt", run_dir, "--compile", "--no-cache"], "--no-cache"),
     }
     import torch
 
