@@ -31,7 +31,7 @@ how identical prompts admitted together share blocks). Then it attends:
            the tests compare against, with the index work done once per step instead of once per
            layer). The new K/V of every layer are held back and written to the cache in one op after
            the forward (`commit_decode`): the forward itself only reads the cache, so a compiled decode
-           step is a pure function (its attention one opaque operator per layer, llm_engine::decode_attend).
+           step is a pure function the compiler can fuse (gathers included).
 
 A slot of -1 in a prefill's slot mapping means "do not write": that token's K/V is already in a
 cached block (the recomputed last token of a prompt that hit the prefix cache completely).
@@ -65,6 +65,7 @@ class AttnGroup:
 class StepMetadata:
     is_prefill: bool
     write_index: torch.Tensor  # [W * Hkv] rows of the (token, head) view of the buffers to write
+    new_pos: Optional[torch.Tensor]  # decode: [S] position of each sequence's new token (context_len - 1)
     new_rows: Optional[torch.Tensor]  # decode: [S * Hkv] rows of the gathered context that hold the new token
     write_rows: Optional[torch.Tensor]  # [W] packed tokens that are written; None = all
     block_tables: Optional[torch.Tensor]  # [S, max_blocks] int32, padded with 0 (decode: CUDA only)
@@ -143,11 +144,12 @@ class PagedKVCache:
         B = len(context_lens)
         nblk = -(-max(context_lens) // bs)
         L = nblk * bs
-        write, new_rows = [], []
+        write, new_pos, new_rows = [], [], []
         for i, (t, n) in enumerate(zip(block_tables, context_lens)):
             p = n - 1
             base = t[p // bs] * H
             write += [(base + h) * bs + p % bs for h in range(H)]
+            new_pos.append(p)
             new_rows += [(i * H + h) * L + p for h in range(H)]
         tables = self._tables(block_tables, nblk)  # padding reads block 0, masked below
         lens = long_tensor(context_lens, dev)
@@ -157,8 +159,8 @@ class PagedKVCache:
         bias = torch.zeros(B, 1, 1, L, device=dev).masked_fill_(self._arange[:L] >= lens.view(B, 1, 1, 1),
                                                                 float("-inf"))
         kernel_args = (tables.to(torch.int32), lens.to(torch.int32)) if self.use_triton else (None, None)
-        self.meta = StepMetadata(False, long_tensor(write, dev), long_tensor(new_rows, dev), None, *kernel_args,
-                                 [AttnGroup(B, 1, L, gather, bias)], B)
+        self.meta = StepMetadata(False, long_tensor(write, dev), long_tensor(new_pos, dev), long_tensor(new_rows, dev),
+                                 None, *kernel_args, [AttnGroup(B, 1, L, gather, bias)], B)
         self._new_k, self._new_v = [], []
 
     def begin_prefill(self, block_tables: list[list[int]], q_lens: list[int], ctx_lens: list[int],
@@ -172,7 +174,7 @@ class PagedKVCache:
             slots = slots[write_rows]
         nblk = -(-max(ctx_lens) // bs)
         tables = self._tables(block_tables, nblk)
-        meta = StepMetadata(True, self._write_index(slots).reshape(-1), None, write_rows, tables.to(torch.int32),
+        meta = StepMetadata(True, self._write_index(slots).reshape(-1), None, None, write_rows, tables.to(torch.int32),
                             torch.tensor(ctx_lens, dtype=torch.int32, device=dev), num_tokens=len(slot_mapping))
         starts, acc = [], 0
         for q in q_lens:
@@ -251,11 +253,8 @@ class PagedKVCache:
             if v is not None:
                 self._new_v.append(v)
             g = meta.groups[0]
-            # Compiled decode steps call the operator (opaque to the compiler, whose generated gathers
-            # with dynamic shapes are several times slower); eager calls the function directly.
-            fn = torch.ops.llm_engine.decode_attend.default if torch.compiler.is_compiling() else decode_attend
-            return fn(q, k, v, self.k_buf[layer], None if self.v_buf is None else self.v_buf[layer],
-                      g.gather, meta.new_rows, g.bias, scale, self.v_dim)
+            return decode_attend(q, k, v, self.k_buf[layer], None if self.v_buf is None else self.v_buf[layer],
+                                 g.gather, meta.new_pos, meta.new_rows, g.bias, scale, self.v_dim)
         kb = self.k_buf[layer]
         vb = None if self.v_buf is None else self.v_buf[layer]
         _write(kb, k if meta.write_rows is None else k.index_select(0, meta.write_rows), meta.write_index)
@@ -334,33 +333,28 @@ def _sdpa(q, k, v, bias, scale):
 
 
 def decode_attend(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], kb: torch.Tensor,
-                  vb: Optional[torch.Tensor], gather: torch.Tensor, new_rows: torch.Tensor, bias: torch.Tensor,
-                  scale: float, v_dim: int) -> torch.Tensor:
+                  vb: Optional[torch.Tensor], gather: torch.Tensor, new_pos: torch.Tensor, new_rows: torch.Tensor,
+                  bias: torch.Tensor, scale: float, v_dim: int) -> torch.Tensor:
     """One decode step of one layer on the torch path, reading the cache only. q [B, Hq, Dqk] -> [B, Hq, Dv].
 
     kb/vb: one layer's buffers [num_blocks, Hkv, bs, D], not yet holding the new token's k/v [B, Hkv, D];
-    those go into the gathered copy at new_rows (MLA: v is None and the values are K's first v_dim
-    channels, so they come along). bias [B, 1, 1, L] masks the padding past each context."""
+    those go into the gathered context at position new_pos [B] (rows new_rows of its (token, head)
+    view). MLA: v is None and the values are K's first v_dim channels, so they come along. bias
+    [B, 1, 1, L] masks the padding past each context."""
     B, Hq, D = q.shape
     H = kb.shape[1]
-    k_ctx, v_ctx = _gather(kb, vb, gather, B, bias.shape[-1], v_dim)
-    k_ctx.view(-1, D).index_copy_(0, new_rows, k.reshape(-1, D))
-    if vb is not None:
-        v_ctx.view(-1, v_dim).index_copy_(0, new_rows, v.reshape(-1, v_dim))
+    L = bias.shape[-1]
+    k_ctx, v_ctx = _gather(kb, vb, gather, B, L, v_dim)
+    if torch.compiler.is_compiling():
+        # Traced: a select, which the compiler fuses into its gather loop (one pass over the context).
+        is_new = (torch.arange(L, device=q.device) == new_pos.view(B, 1, 1)).view(B, 1, L, 1)
+        k_ctx = torch.where(is_new, k.view(B, H, 1, D), k_ctx)
+        v_ctx = k_ctx[..., :v_dim] if vb is None else torch.where(is_new, v.view(B, H, 1, v_dim), v_ctx)
+    else:
+        # Eager: overwrite the new rows in place (a select would be a second pass over the context).
+        k_ctx.view(-1, D).index_copy_(0, new_rows, k.reshape(-1, D))
+        if vb is not None:
+            v_ctx.view(-1, v_dim).index_copy_(0, new_rows, v.reshape(-1, v_dim))
     o = _sdpa(q.view(B, H, Hq // H, D), k_ctx, v_ctx, bias, scale)  # a kv head's query heads as its rows
     return o.view(B, Hq, v_dim)
 
-
-# The same function as an operator, for compiled decode steps. Registered with the low-level
-# torch.library API: torch.library.custom_op's Python wrappers cost about 0.3 ms per call here, more
-# than the attention itself at batch 1.
-_lib = torch.library.Library("llm_engine", "DEF")
-_lib.define("decode_attend(Tensor q, Tensor k, Tensor? v, Tensor kb, Tensor? vb, Tensor gather, Tensor new_rows, "
-            "Tensor bias, float scale, int v_dim) -> Tensor")
-for _key in ("CPU", "CUDA"):
-    _lib.impl("decode_attend", decode_attend, _key)
-
-
-@torch.library.register_fake("llm_engine::decode_attend", lib=_lib)
-def _(q, k, v, kb, vb, gather, new_rows, bias, scale, v_dim):
-    return q.new_empty(q.shape[0], q.shape[1], v_dim)

@@ -7,8 +7,8 @@ sequence goes through the LM head.
 
 A decode step on CPU only reads the cache: the forward returns the new K/V of every layer and the
 runner writes them in one op afterwards (see kv_cache.py). compile=True compiles that forward (the
-whole model for one token per sequence; the attention over the gathered cache stays one opaque
-operator per layer) with torch.compile; prefill stays eager. The first steps pay the compilation (two graphs: batch 1 and
+whole model for one token per sequence, the gathers from the cache included) with torch.compile;
+prefill stays eager. The first steps pay the compilation (two graphs: batch 1 and
 batch >= 2; sizes are dynamic after that).
 """
 
@@ -114,7 +114,7 @@ class ModelRunner:
 
         meta = self.cache.meta
         g = meta.groups[0]
-        for t, dims in ((idx, (1,)), (pos, (1,)), (meta.new_rows, (0,)), (g.gather, (0,)), (g.bias, (0, 3))):
+        for t, dims in ((idx, (1,)), (pos, (1,)), (meta.new_pos, (0,)), (g.gather, (0,)), (g.bias, (0, 3))):
             for d in dims:
                 if t.shape[d] > 1:
                     maybe_mark_dynamic(t, d)
