@@ -1,7 +1,7 @@
 """Benchmark the engine: decode and prefill tokens/s, and KV memory utilisation on a mixed workload.
 
     python scripts/bench_generate.py                           # GQA, batch 1/16/64, CPU, eager
-    python scripts/bench_generate.py --compile --threads 1 --hf  # compiled decode step; HF measured alongside
+    python scripts/bench_generate.py --compile --hf            # compiled decode step; HF measured alongside
     python scripts/bench_generate.py --attention mha mqa mla     # other variants
     python scripts/bench_generate.py --json
 
