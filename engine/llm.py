@@ -170,7 +170,7 @@ class LLM:
         use_cache=False decodes by full recompute (the reference). compile=True compiles the CPU decode
         step with torch.compile (a one-off compilation of 10-90 s, cached on disk by torch afterwards;
         needs a C++ compiler; sets two global compiler options, see model_runner.py): on the 2-core
-        CPU of the README, 1.5-2x the eager decode tokens/s at batch 1 and 16."""
+        CPU of the README, 1.4-2x the eager decode tokens/s at batch 1 and 16."""
         self.device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
