@@ -73,6 +73,15 @@ def check_resume_compatible(saved: dict, current: dict) -> None:
                                   "exact resume needs the same value")
 
 
+def check_val_split(tokens, cfg, world_size: int) -> None:
+    """Every rank must get a window of the first eval batch (evaluate splits its rows by rank):
+    check at start-up rather than at the first eval."""
+    x, _ = next(eval_batches(tokens, cfg.train.seq_len, cfg.train.batch_size, 1))
+    if len(x) < world_size:
+        raise DataError(f"the val split holds {len(x)} windows of train.seq_len={cfg.train.seq_len}, fewer than "
+                        f"the {world_size} processes; lower train.seq_len or add data")
+
+
 @torch.no_grad()
 def evaluate(model, tokens, cfg, dist_info, autocast) -> float:
     """Mean loss over the same windows whatever the number of processes: each rank scores its share
@@ -112,8 +121,7 @@ def run(cfg: DictConfig) -> dict:
         config_dict = OmegaConf.to_container(cfg, resolve=True)
         batches = TokenBatches(data.train, cfg.train.seq_len, cfg.train.batch_size, cfg.seed, info.rank,
                                info.world_size)
-        # The val split must give every rank a window: check now rather than at the first eval.
-        next(eval_batches(data.val, cfg.train.seq_len, cfg.train.batch_size, 1, info.rank, info.world_size))
+        check_val_split(data.val, cfg, info.world_size)
         if cfg.train.resume:
             if not (ckpt_root / "latest").exists():
                 raise CheckpointError(f"train.resume=true but there is no checkpoint in {ckpt_root}: "

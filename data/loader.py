@@ -53,24 +53,21 @@ class TokenBatches:
         return _windows(self.tokens, starts[lo:lo + self.local_batch_size], self.seq_len)
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: Optional[int],
-                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed, non-overlapping consecutive windows from the start of the split (same every eval), this rank's share.
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
+                 max_batches: Optional[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed, non-overlapping consecutive windows from the start of the split (the same every eval).
 
     Window i has inputs tokens[i*T:(i+1)*T] and targets shifted by one, so each token is scored at
-    most once. Global batches hold batch_size windows (max_batches of them, None = all that fit);
-    a split too short for one full batch gives one smaller batch, still equal across ranks.
+    most once. Batches hold batch_size windows (max_batches of them, None = all that fit); a split too
+    short for one full batch gives one smaller batch. Under data parallelism every rank reads the same
+    batches and scores its share of the rows (train.evaluate), so the loss does not depend on the
+    number of processes.
     """
-    _check(tokens, seq_len, batch_size, rank, world_size)
+    _check(tokens, seq_len, batch_size, 0, 1)
     n_windows = (len(tokens) - 1) // seq_len
-    if n_windows < world_size:
-        raise DataError(f"the split has {len(tokens)} tokens, too few for one window of train.seq_len="
-                        f"{seq_len} per process; lower train.seq_len or add data")
-    rows = batch_size if n_windows >= batch_size else n_windows // world_size * world_size
+    rows = min(batch_size, n_windows)
     n_batches = n_windows // rows
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    local = rows // world_size
     for b in range(n_batches):
-        first = b * rows + rank * local
-        yield _windows(tokens, (first + np.arange(local)) * seq_len, seq_len)
+        yield _windows(tokens, (b * rows + np.arange(rows)) * seq_len, seq_len)

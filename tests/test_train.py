@@ -238,3 +238,19 @@ def test_cli_resume_errors_keep_checkpoint(corpus, data_cache, tmp_path):
     assert {p.name: p.read_bytes() for p in weights.parent.iterdir()} == before
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(out)
+
+
+def test_val_split_must_give_every_process_a_window():
+    """evaluate() splits each eval batch's rows across processes: a split with fewer windows than
+    processes is refused at start-up, with the fix in the message."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from data import DataError
+
+    cfg = SimpleNamespace(train=SimpleNamespace(seq_len=10, batch_size=4))
+    tokens = np.arange(25, dtype=np.uint16)  # 2 windows of 10 tokens
+    train.check_val_split(tokens, cfg, world_size=2)
+    with pytest.raises(DataError, match="holds 2 windows .* fewer than the 3 processes; lower train.seq_len"):
+        train.check_val_split(tokens, cfg, world_size=3)
