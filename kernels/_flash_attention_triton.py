@@ -25,6 +25,8 @@ elements); the within-tile offsets (< BLOCK * stride) are loop-invariant int32 t
 import triton
 import triton.language as tl
 
+from kernels._triton_loader import load_kernel_module
+
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
 # Device helpers (inlined into the kernels when compiled). The interpreter re-patches all of
@@ -33,25 +35,10 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 # behave identically.
 helper = (lambda fn: fn) if INTERPRET else triton.jit
 
-LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): converts natural-log scores to base 2
+# log2(e) and the tl.reduce combine functions, built in this module's mode (see _triton_common.py).
+_common = load_kernel_module("_triton_common", INTERPRET)
+LOG2E, _max_combine, _sum_combine = _common.LOG2E, _common.max_combine, _common.sum_combine
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): converts base-2 log-sum-exp back
-
-# Reductions and zeros go through builtins only. tl.max, tl.sum and tl.zeros are @triton.jit
-# library functions, built once in the mode triton was imported in, while these kernels may be
-# built in the other mode (see _triton_loader.py); a library function of the wrong mode cannot
-# be called. So: tl.reduce (a builtin) with combine functions of this module's mode. Under the
-# interpreter, triton's own combine functions let tl.reduce run as one numpy call.
-if INTERPRET:
-    _max_combine = tl.standard._elementwise_max
-    _sum_combine = tl.standard._sum_combine
-else:
-    @triton.jit
-    def _max_combine(a, b):
-        return tl.maximum(a, b)
-
-    @triton.jit
-    def _sum_combine(a, b):
-        return a + b
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,22 +18,13 @@ writes a normalised partial output and its base-2 log-sum-exp, merged by `_paged
 import triton
 import triton.language as tl
 
+from kernels._triton_loader import load_kernel_module
+
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
-LOG2E = tl.constexpr(1.4426950408889634)
-
-# tl.max / tl.sum / tl.zeros are avoided on purpose: see _flash_attention_triton.py.
-if INTERPRET:
-    _max_combine = tl.standard._elementwise_max
-    _sum_combine = tl.standard._sum_combine
-else:
-    @triton.jit
-    def _max_combine(a, b):
-        return tl.maximum(a, b)
-
-    @triton.jit
-    def _sum_combine(a, b):
-        return a + b
+# log2(e) and the tl.reduce combine functions, built in this module's mode (see _triton_common.py).
+_common = load_kernel_module("_triton_common", INTERPRET)
+LOG2E, _max_combine, _sum_combine = _common.LOG2E, _common.max_combine, _common.sum_combine
 
 
 def _configs():

@@ -7,7 +7,7 @@ sets the variable. Instead the wrappers read the mode at *call* time and ask thi
 copy of the kernel module built in that mode. Each copy has its own globals, so the helpers a
 kernel calls are built in the same mode as the kernel itself. (Triton's own library functions
 such as tl.max are built once, in the mode triton was imported in, so the kernel modules use
-builtins only; see _flash_attention_triton.py.)
+builtins only; see _triton_common.py.)
 
 Nothing here touches `triton.runtime.driver.active`, so importing works on CPU-only machines.
 """
@@ -24,7 +24,7 @@ from types import ModuleType
 import triton
 
 _modules: dict[tuple[str, bool], ModuleType] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a kernel module loads _triton_common while executing
 _MISSING = object()
 
 
