@@ -91,7 +91,7 @@ class PagedKVCache:
             L, num_blocks, self.n_kv_heads, block_size, self.v_dim, dtype=dtype, device=device)
         self.meta: Optional[StepMetadata] = None
         self.use_triton = self.device.type == "cuda"
-        self._arange = torch.arange(max(1024, cfg.n_kv_heads), device=device)  # 0..n-1 for the decode indices
+        self._arange = torch.arange(max(1024, cfg.n_kv_heads), device=device)  # 0..n-1 for the step indices (heads, positions)
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -120,15 +120,14 @@ class PagedKVCache:
 
     # ---- step metadata ----------------------------------------------------------------------
     def _write_index(self, slots: torch.Tensor) -> torch.Tensor:
+        """(token, head) rows of a layer's buffer for slots [W] (int64): [W, Hkv]."""
         bs, H = self.block_size, self.n_kv_heads
-        h = torch.arange(H, device=self.device)
-        return ((slots // bs * H)[:, None] + h) * bs + (slots % bs)[:, None]  # [W, H] -> flattened below
+        return ((slots // bs * H)[:, None] + self._arange[:H]) * bs + (slots % bs)[:, None]
 
     def _gather(self, tables: torch.Tensor) -> torch.Tensor:
         """(block, head) rows for tables [S, nblk] (int64), ordered [S, Hkv, nblk]."""
         H = self.n_kv_heads
-        h = torch.arange(H, device=self.device)
-        return (tables[:, None, :] * H + h[None, :, None]).reshape(-1)
+        return (tables[:, None, :] * H + self._arange[:H, None]).reshape(-1)
 
     def _tables(self, block_tables: list[list[int]], num_blocks: int) -> torch.Tensor:
         """[S, num_blocks] int64, each table cut or padded with block 0 to num_blocks."""
@@ -144,23 +143,21 @@ class PagedKVCache:
         B = len(context_lens)
         nblk = -(-max(context_lens) // bs)
         L = nblk * bs
-        write, new_pos, new_rows = [], [], []
+        slots, new_rows = [], []
         for i, (t, n) in enumerate(zip(block_tables, context_lens)):
             p = n - 1
-            base = t[p // bs] * H
-            write += [(base + h) * bs + p % bs for h in range(H)]
-            new_pos.append(p)
+            slots.append(t[p // bs] * bs + p % bs)
             new_rows += [(i * H + h) * L + p for h in range(H)]
         tables = self._tables(block_tables, nblk)  # padding reads block 0, masked below
         lens = long_tensor(context_lens, dev)
         if self._arange.numel() < L:
             self._arange = torch.arange(2 * L, device=dev)
-        gather = (tables.view(B, 1, nblk) * H + self._arange[:H].view(1, H, 1)).view(-1)
         bias = torch.zeros(B, 1, 1, L, device=dev).masked_fill_(self._arange[:L] >= lens.view(B, 1, 1, 1),
                                                                 float("-inf"))
         kernel_args = (tables.to(torch.int32), lens.to(torch.int32)) if self.use_triton else (None, None)
-        self.meta = StepMetadata(False, long_tensor(write, dev), long_tensor(new_pos, dev), long_tensor(new_rows, dev),
-                                 None, *kernel_args, [AttnGroup(B, 1, L, gather, bias)], B)
+        write = self._write_index(long_tensor(slots, dev)).reshape(-1)
+        self.meta = StepMetadata(False, write, lens - 1, long_tensor(new_rows, dev), None, *kernel_args,
+                                 [AttnGroup(B, 1, L, self._gather(tables), bias)], B)
         self._new_k, self._new_v = [], []
 
     def begin_prefill(self, block_tables: list[list[int]], q_lens: list[int], ctx_lens: list[int],

@@ -94,8 +94,8 @@ class ModelRunner:
         self.cache.commit_decode(k, v)
         return logits
 
-    def _inputs(self, ids: list[int], positions) -> tuple[torch.Tensor, torch.Tensor]:
-        return long_tensor(ids, self.device).unsqueeze(0), long_tensor(list(positions), self.device).unsqueeze(0)
+    def _inputs(self, ids: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return long_tensor(ids, self.device).unsqueeze(0), long_tensor(positions, self.device).unsqueeze(0)
 
     def _logits(self, idx: torch.Tensor, pos: torch.Tensor, last=None) -> torch.Tensor:
         h = self.model.hidden_states(idx, pos, self.cache)[0]  # [T, dim]
