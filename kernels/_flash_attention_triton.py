@@ -114,6 +114,22 @@ def _load_tile(ptrs, rows, cols, n_rows, n_cols,
 
 
 @helper
+def _load_head_rows(row_ptrs, stride_d, rows, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_D2: tl.constexpr, UPCAST: tl.constexpr):
+    """A [rows, head dim] tile whose head dim may be split into two column blocks (192 = 128 + 64):
+    (first block, second block, the second block's column offsets); without a second block, the
+    first block and its offsets stand in (placeholders the kernels never use)."""
+    offs = tl.arange(0, BLOCK_D)
+    x = _load_tile(row_ptrs + offs[None, :] * stride_d, rows, offs, n_rows, D, True, D < BLOCK_D, UPCAST)
+    offs2, x2 = offs, x
+    if BLOCK_D2 > 0:
+        offs2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        x2 = _load_tile(row_ptrs + offs2[None, :] * stride_d, rows, offs2, n_rows, D, True,
+                        BLOCK_D + BLOCK_D2 > D, UPCAST)
+    return x, x2, offs2
+
+
+@helper
 def _store_tile(ptrs, x, rows, cols, n_rows, n_cols,
                 CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     x = x.to(ptrs.dtype.element_ty)
@@ -214,13 +230,7 @@ def _attn_fwd(Q, K, V, O, LSE, sm_scale,
     rows = tl.cast(start_m, tl.int64) + tl.arange(0, BLOCK_M)[:, None]
 
     Q_rows = Q + b * stride_qb + h * stride_qh + rows * stride_qm
-    q = _load_tile(Q_rows + offs_dqk[None, :] * stride_qd, offs_m, offs_dqk, N_CTX, D_QK,
-                   True, D_QK < BLOCK_DQK, UPCAST)
-    offs_dqk2, q2 = offs_dqk, q  # placeholders when the head dim is a single block
-    if BLOCK_DQK2 > 0:
-        offs_dqk2 = BLOCK_DQK + tl.arange(0, BLOCK_DQK2)
-        q2 = _load_tile(Q_rows + offs_dqk2[None, :] * stride_qd, offs_m, offs_dqk2, N_CTX, D_QK,
-                        True, BLOCK_DQK + BLOCK_DQK2 > D_QK, UPCAST)
+    q, q2, offs_dqk2 = _load_head_rows(Q_rows, stride_qd, offs_m, N_CTX, D_QK, BLOCK_DQK, BLOCK_DQK2, UPCAST)
 
     # fp32 running max (base 2), running denominator and output accumulator.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -363,16 +373,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
 
     K_rows = K + b * stride_kb + kv_h * stride_kh + key_rows * stride_kn
     v_ptrs = V + b * stride_vb + kv_h * stride_vh + key_rows * stride_vn + offs_dv[None, :] * stride_vd
-    k = _load_tile(K_rows + offs_dqk[None, :] * stride_kd, keys, offs_dqk, N_CTX, D_QK,
-                   True, D_QK < BLOCK_DQK, UPCAST)
+    k, k2, offs_dqk2 = _load_head_rows(K_rows, stride_kd, keys, N_CTX, D_QK, BLOCK_DQK, BLOCK_DQK2, UPCAST)
     v = _load_tile(v_ptrs, keys, offs_dv, N_CTX, D_V, True, D_V < BLOCK_DV, UPCAST)
     dk = tl.full([BLOCK_N, BLOCK_DQK], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
-    offs_dqk2, k2, dk2 = offs_dqk, k, dk  # placeholders when the head dim is a single block
+    dk2 = dk  # placeholder when the head dim is a single block
     if BLOCK_DQK2 > 0:
-        offs_dqk2 = BLOCK_DQK + tl.arange(0, BLOCK_DQK2)
-        k2 = _load_tile(K_rows + offs_dqk2[None, :] * stride_kd, keys, offs_dqk2, N_CTX, D_QK,
-                        True, BLOCK_DQK + BLOCK_DQK2 > D_QK, UPCAST)
         dk2 = tl.full([BLOCK_N, BLOCK_DQK2], 0.0, dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
     full_end = (N_CTX // BLOCK_M) * BLOCK_M  # query tiles before this are whole
@@ -489,15 +495,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
 
     Q_rows = Q + b * stride_qb + h * stride_qh + rows * stride_qm
     do_ptrs = DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :] * stride_dod
-    q = _load_tile(Q_rows + offs_dqk[None, :] * stride_qd, offs_m, offs_dqk, N_CTX, D_QK,
-                   True, D_QK < BLOCK_DQK, UPCAST)
+    q, q2, offs_dqk2 = _load_head_rows(Q_rows, stride_qd, offs_m, N_CTX, D_QK, BLOCK_DQK, BLOCK_DQK2, UPCAST)
     do = _load_tile(do_ptrs, offs_m, offs_dv, N_CTX, D_V, True, D_V < BLOCK_DV, UPCAST)
     dq = tl.full([BLOCK_M, BLOCK_DQK], 0.0, dtype=tl.float32)
-    offs_dqk2, q2, dq2 = offs_dqk, q, dq  # placeholders when the head dim is a single block
+    dq2 = dq  # placeholder when the head dim is a single block
     if BLOCK_DQK2 > 0:
-        offs_dqk2 = BLOCK_DQK + tl.arange(0, BLOCK_DQK2)
-        q2 = _load_tile(Q_rows + offs_dqk2[None, :] * stride_qd, offs_m, offs_dqk2, N_CTX, D_QK,
-                        True, BLOCK_DQK + BLOCK_DQK2 > D_QK, UPCAST)
         dq2 = tl.full([BLOCK_M, BLOCK_DQK2], 0.0, dtype=tl.float32)
     # Rows past N load lse = delta = 0 with q = dO = 0: their p is at most 1 and their dS 0,
     # and they are never stored, so they need no mask.
