@@ -23,20 +23,23 @@ how identical prompts admitted together share blocks). Then it attends:
            causally: with context length C and n new tokens, new token i sits at position C - n + i
            and sees keys 0 .. C - n + i. Sequences are grouped by length; each group is gathered into
            a padded batch and run through SDPA with an explicit mask, in fp32.
-  decode   one new token per sequence. CUDA: the new K/V are written, then the Triton paged kernel
-           (kernels.paged_attention_decode) reads through the block tables. CPU: each sequence's
-           context is gathered (whole blocks, masked past its length), the new token's K/V is put
-           into the gathered copy at its position, and attention runs as SDPA with a kv head's group
-           of query heads as the query rows (the math of kernels.paged_attention_decode_torch, which
-           the tests compare against, with the index work done once per step instead of once per
-           layer). The new K/V of every layer are held back and written to the cache in one op after
-           the forward (`commit_decode`): the forward itself only reads the cache, so a compiled decode
-           step is a pure function the compiler can fuse (gathers included).
+  decode   one new token per sequence, read through the block tables by a paged kernel: CUDA, the
+           Triton kernel (kernels.paged_attention_decode), after the new K/V are written; CPU, the
+           C++ kernel (kernels.paged_attention_decode_cpu), which takes the new token's K/V beside
+           the cache. The PyTorch gather path (paged_kernel=False, a dtype other than float32, or no
+           C++ compiler) gathers each sequence's context (whole blocks, masked past its length), puts
+           the new token's K/V into the gathered copy at its position and runs SDPA with a kv head's
+           group of query heads as the query rows (the math of kernels.paged_attention_decode_torch,
+           which the tests compare against, with the index work done once per step instead of once
+           per layer). Off CUDA the new K/V of every layer are held back and written to the cache in
+           one op after the forward (`commit_decode`): the forward itself only reads the cache, so a
+           compiled decode step is a pure function the compiler can fuse (gathers included).
 
 A slot of -1 in a prefill's slot mapping means "do not write": that token's K/V is already in a
 cached block (the recomputed last token of a prompt that hit the prefix cache completely).
 """
 
+import warnings
 from array import array
 from dataclasses import dataclass, field
 from typing import Optional
@@ -68,15 +71,16 @@ class StepMetadata:
     new_pos: Optional[torch.Tensor]  # decode: [S] position of each sequence's new token (context_len - 1)
     new_rows: Optional[torch.Tensor]  # decode: [S * Hkv] rows of the gathered context that hold the new token
     write_rows: Optional[torch.Tensor]  # [W] packed tokens that are written; None = all
-    block_tables: Optional[torch.Tensor]  # [S, max_blocks] int32, padded with 0 (decode: CUDA only)
-    context_lens: Optional[torch.Tensor]  # [S] int32: cached + new tokens of each sequence (decode: CUDA only)
+    block_tables: Optional[torch.Tensor]  # [S, max_blocks] int, padded with 0 (decode: paged kernels only)
+    context_lens: Optional[torch.Tensor]  # [S] int: cached + new tokens of each sequence (decode: paged kernels only)
     groups: list[AttnGroup] = field(default_factory=list)
     num_tokens: int = 0
 
 
 class PagedKVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, paged_kernel: bool = True):
+        """paged_kernel=False decodes through the PyTorch gather path (the reference) on any device."""
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dtype, self.device = dtype, torch.device(device)
         L = cfg.n_layers
@@ -90,7 +94,7 @@ class PagedKVCache:
         self.v_buf = None if cfg.attention == "mla" else torch.zeros(
             L, num_blocks, self.n_kv_heads, block_size, self.v_dim, dtype=dtype, device=device)
         self.meta: Optional[StepMetadata] = None
-        self.use_triton = self.device.type == "cuda"
+        self.decode_kernel = _decode_kernel(self.device, dtype) if paged_kernel else None  # "triton", "cpu" or None
         self._arange = torch.arange(max(1024, cfg.n_kv_heads), device=device)  # 0..n-1 for the step indices (heads, positions)
 
     @staticmethod
@@ -142,23 +146,25 @@ class PagedKVCache:
         bs, H, dev = self.block_size, self.n_kv_heads, self.device
         B = len(context_lens)
         nblk = -(-max(context_lens) // bs)
-        L = nblk * bs
-        slots, new_rows = [], []
-        for i, (t, n) in enumerate(zip(block_tables, context_lens)):
-            p = n - 1
-            slots.append(t[p // bs] * bs + p % bs)
-            new_rows += [(i * H + h) * L + p for h in range(H)]
-        tables = self._tables(block_tables, nblk)  # padding reads block 0, masked below
+        slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(block_tables, context_lens)]
+        write = self._write_index(long_tensor(slots, dev)).reshape(-1)
+        tables = self._tables(block_tables, nblk)  # padding reads block 0, masked (or not read by the kernels)
         lens = long_tensor(context_lens, dev)
+        self._new_k, self._new_v = [], []
+        if self.decode_kernel == "triton":
+            self.meta = StepMetadata(False, write, None, None, None, tables.to(torch.int32), lens.to(torch.int32), num_tokens=B)
+            return
+        if self.decode_kernel == "cpu":
+            self.meta = StepMetadata(False, write, None, None, None, tables, lens, num_tokens=B)
+            return
+        L = nblk * bs
+        new_rows = [(i * H + h) * L + n - 1 for i, n in enumerate(context_lens) for h in range(H)]
         if self._arange.numel() < L:
             self._arange = torch.arange(2 * L, device=dev)
         bias = torch.zeros(B, 1, 1, L, device=dev).masked_fill_(self._arange[:L] >= lens.view(B, 1, 1, 1),
                                                                 float("-inf"))
-        kernel_args = (tables.to(torch.int32), lens.to(torch.int32)) if self.use_triton else (None, None)
-        write = self._write_index(long_tensor(slots, dev)).reshape(-1)
-        self.meta = StepMetadata(False, write, lens - 1, long_tensor(new_rows, dev), None, *kernel_args,
+        self.meta = StepMetadata(False, write, lens - 1, long_tensor(new_rows, dev), None, None, None,
                                  [AttnGroup(B, 1, L, self._gather(tables), bias)], B)
-        self._new_k, self._new_v = [], []
 
     def begin_prefill(self, block_tables: list[list[int]], q_lens: list[int], ctx_lens: list[int],
                       slot_mapping: list[int]) -> None:
@@ -239,7 +245,7 @@ class PagedKVCache:
         """q [T, Hq, Dqk], k [T, Hkv, Dqk], v [T, Hkv, Dv] or None (MLA latent) -> [T, Hq, Dv]."""
         meta = self.meta
         if not meta.is_prefill:
-            if self.use_triton:
+            if self.decode_kernel == "triton":
                 _write(self.k_buf[layer], k, meta.write_index)
                 if v is not None:
                     _write(self.v_buf[layer], v, meta.write_index)
@@ -249,6 +255,10 @@ class PagedKVCache:
             self._new_k.append(k)
             if v is not None:
                 self._new_v.append(v)
+            if self.decode_kernel == "cpu":  # the operator itself: traceable by torch.compile, inputs well-formed here
+                return torch.ops.small_llm.paged_decode_attention(
+                    q, self.k_cache(layer), self.v_cache(layer), meta.block_tables, meta.context_lens, k, v, scale,
+                    self.v_dim)
             g = meta.groups[0]
             return decode_attend(q, k, v, self.k_buf[layer], None if self.v_buf is None else self.v_buf[layer],
                                  g.gather, meta.new_pos, meta.new_rows, g.bias, scale, self.v_dim)
@@ -296,6 +306,22 @@ class PagedKVCache:
         if g.out_sel is not None:
             o = o.index_select(0, g.out_sel)
         return o
+
+
+def _decode_kernel(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """The paged decode kernel for this device and dtype, or None for the PyTorch gather path."""
+    if device.type == "cuda":
+        return "triton"
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    from kernels.paged_attention_cpu import cpu_kernel_error
+
+    error = cpu_kernel_error()
+    if error:
+        warnings.warn(f"CPU paged-attention kernel unavailable ({error}); decoding through the slower "
+                      "PyTorch gather path")
+        return None
+    return "cpu"
 
 
 def long_tensor(values: list[int], device: torch.device) -> torch.Tensor:

@@ -159,7 +159,8 @@ class LLM:
                  eos_token_id: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
                  block_size: int = 16, num_blocks: Optional[int] = None, kv_cache_memory: Optional[int] = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None,
-                 enable_prefix_caching: bool = True, use_cache: bool = True, compile: bool = False):
+                 enable_prefix_caching: bool = True, use_cache: bool = True, compile: bool = False,
+                 paged_kernel: bool = True):
         """ckpt: a run folder, its checkpoints/ folder or one checkpoint folder; or pass `model` (and
         optionally `tokenizer`, `eos_token_id`) directly: the LLM then uses that module for inference
         (eval mode; on CPU its linear weights are re-laid out column-major, values unchanged).
@@ -170,7 +171,9 @@ class LLM:
         use_cache=False decodes by full recompute (the reference). compile=True compiles the CPU decode
         step with torch.compile (a one-off compilation of 10-90 s, cached on disk by torch afterwards;
         needs a C++ compiler; sets two global compiler options, see model_runner.py): on the 2-core
-        CPU of the README, 1.4-2x the eager decode tokens/s at batch 1 and 16."""
+        CPU of the README, 1.4-2x the eager decode tokens/s at batch 1 and 16. paged_kernel=False decodes
+        through the PyTorch gather path instead of the paged-attention kernel (Triton on CUDA; on CPU a
+        C++ kernel, built on first use in about 15 s: see kernels/paged_attention_cpu.py)."""
         self.device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -209,7 +212,7 @@ class LLM:
             budget = kv_cache_memory if kv_cache_memory is not None else int(0.3 * _available_memory(self.device))
             num_blocks = max(1, min(want, budget // per_block))
         self.num_blocks = num_blocks
-        self.cache = PagedKVCache(self.cfg, num_blocks, block_size, dtype, self.device)
+        self.cache = PagedKVCache(self.cfg, num_blocks, block_size, dtype, self.device, paged_kernel)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.cache, compile=compile)
 

@@ -86,7 +86,7 @@ class ModelRunner:
         ctx = [s.num_tokens for s in seqs]
         self.cache.begin_decode([s.block_table for s in seqs], ctx)
         idx, pos = self._inputs([s.token_ids[-1] for s in seqs], [n - 1 for n in ctx])
-        if self.cache.use_triton:  # the paged kernel reads the cache: K/V were written layer by layer
+        if self.cache.decode_kernel == "triton":  # it reads the cache: K/V were written layer by layer
             return self._logits(idx, pos)
         if self.compiled:
             self._mark_dynamic(idx, pos)
@@ -113,8 +113,12 @@ class ModelRunner:
         from torch._dynamo import maybe_mark_dynamic
 
         meta = self.cache.meta
-        g = meta.groups[0]
-        for t, dims in ((idx, (1,)), (pos, (1,)), (meta.new_pos, (0,)), (g.gather, (0,)), (g.bias, (0, 3))):
+        if self.cache.decode_kernel:
+            step = ((meta.block_tables, (0, 1)), (meta.context_lens, (0,)))
+        else:
+            g = meta.groups[0]
+            step = ((meta.new_pos, (0,)), (g.gather, (0,)), (g.bias, (0, 3)))
+        for t, dims in ((idx, (1,)), (pos, (1,)), *step):
             for d in dims:
                 if t.shape[d] > 1:
                     maybe_mark_dynamic(t, d)

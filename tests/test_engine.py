@@ -43,13 +43,15 @@ def tokens(outs):
 GREEDY = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
 
 
+@pytest.mark.parametrize("paged_kernel", [True, False], ids=["cpu-kernel", "gather-path"])
 @pytest.mark.parametrize("attention", VARIANTS)
-def test_greedy_and_logits_match_full_recompute(attention):
+def test_greedy_and_logits_match_full_recompute(attention, paged_kernel):
     model = model_for(attention)
     prompts = make_prompts([1, 5, 16, 17, 40])
     sp = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True, return_logits=True)
     ref = reference(model, prompts, sp)
-    llm = LLM(model=model, device="cpu", block_size=16)
+    llm = LLM(model=model, device="cpu", block_size=16, paged_kernel=paged_kernel)
+    assert llm.cache.decode_kernel == ("cpu" if paged_kernel else None)
     out = llm.generate(prompts, sp)
     assert len({t for r in ref for t in r.token_ids}) > 20  # the model does not just repeat a few tokens
     for r, o in zip(ref, out):
@@ -196,11 +198,12 @@ def test_checkpoint_tokenizer_and_stop_strings(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["gqa", "mla"])
-def test_compiled_decode_matches_full_recompute(attention):
+@pytest.mark.parametrize("attention,paged_kernel", [("gqa", True), ("mla", True), ("gqa", False)],
+                         ids=["gqa-cpu-kernel", "mla-cpu-kernel", "gqa-gather-path"])
+def test_compiled_decode_matches_full_recompute(attention, paged_kernel):
     """compile=True (torch.compile of the decode step, about a minute of compilation): same tokens."""
     model = model_for(attention)
     prompts = make_prompts([1, 5, 17, 40], seed=6)
     ref = tokens(reference(model, prompts, GREEDY))
-    llm = LLM(model=model, device="cpu", block_size=4, num_blocks=30, compile=True)
+    llm = LLM(model=model, device="cpu", block_size=4, num_blocks=30, compile=True, paged_kernel=paged_kernel)
     assert tokens(llm.generate(prompts, GREEDY)) == ref and llm.stats.preemptions > 0

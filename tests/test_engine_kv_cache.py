@@ -58,12 +58,14 @@ def naive(q, keys, values, offset, scale):
     return torch.einsum("hnc,chd->nhd", s.softmax(-1), v).float()
 
 
+@pytest.mark.parametrize("paged_kernel", [True, False], ids=["cpu-kernel", "gather-path"])
 @pytest.mark.parametrize("attention", VARIANTS)
 @pytest.mark.parametrize("bs", [1, 4, 16])
-def test_decode_matches_kernel_reference(attention, bs):
+def test_decode_matches_kernel_reference(attention, bs, paged_kernel):
     gen = torch.Generator().manual_seed(0)
     cfg = tiny_config(attention, n_layers=2)
-    cache = PagedKVCache(cfg, 64 * 16 // bs + 8, bs, torch.float32, "cpu")
+    cache = PagedKVCache(cfg, 64 * 16 // bs + 8, bs, torch.float32, "cpu", paged_kernel)
+    assert cache.decode_kernel == ("cpu" if paged_kernel else None)
     Hq, Hkv, D, Dv = dims(cache)
     lens = [1, 7, 33, 50, 17]  # not multiples of the block size
     tables = random_tables(cache.num_blocks, lens, bs, gen)
@@ -152,11 +154,11 @@ def test_copy_blocks():
 @pytest.mark.parametrize("attention", VARIANTS)
 def test_cuda_decode_path_through_the_triton_kernel(attention, monkeypatch):
     """The CUDA decode branch (the Triton kernel reading the head-major buffers through strided views),
-    run on CPU by Triton's interpreter, against the torch path."""
+    run on CPU by Triton's interpreter, against the gather path."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     gen = torch.Generator().manual_seed(3)
     cfg = tiny_config(attention, n_layers=1)
-    cache = PagedKVCache(cfg, 40, 4, torch.float32, "cpu")
+    cache = PagedKVCache(cfg, 40, 4, torch.float32, "cpu", paged_kernel=False)
     Hq, Hkv, D, Dv = dims(cache)
     lens = [3, 9, 14]
     tables = random_tables(cache.num_blocks, lens, 4, gen)
@@ -166,7 +168,7 @@ def test_cuda_decode_path_through_the_triton_kernel(attention, monkeypatch):
     v = None if attention == "mla" else torch.randn(3, Hkv, Dv, generator=gen)
     cache.begin_decode(tables, lens)
     torch_out = cache.attend(0, q, k, v, 0.3)
-    cache.use_triton = True
+    cache.decode_kernel = "triton"
     cache.begin_decode(tables, lens)
     triton_out = cache.attend(0, q, k, v, 0.3)
     torch.testing.assert_close(triton_out, torch_out, atol=1e-4, rtol=1e-4)

@@ -1,6 +1,5 @@
-"""Paged decode attention (kernels/paged_attention.py): the Triton kernel (in Triton's CPU
-interpreter) and the PyTorch gather path, both against a float64 reference that walks the block
-table token by token."""
+"""Paged decode attention: the Triton kernel (in Triton's CPU interpreter), the C++ CPU kernel and
+the PyTorch gather path, all against a float64 reference that walks the block table token by token."""
 
 import os
 
@@ -11,7 +10,8 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import paged_attention_decode, paged_attention_decode_torch  # noqa: E402
+from kernels import paged_attention_decode, paged_attention_decode_cpu, paged_attention_decode_torch  # noqa: E402
+from kernels import paged_attention_cpu  # noqa: E402
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
 
@@ -102,6 +102,68 @@ def test_torch_path_matches_reference(name):
     torch.testing.assert_close(out64, expected, atol=1e-12, rtol=1e-12)
 
 
+def take_last(q, kc, vc, bt, cl):
+    """Move each sequence's last K/V out of the cache into k_last/v_last [B, Hkv, D] (strided views of a
+    larger tensor) and leave NaN in their slots: a kernel that read the slot instead would return NaN."""
+    B, Hkv = q.shape[0], kc.shape[2]
+    k_last = torch.empty(B, 2 * Hkv, kc.shape[3])[:, ::2]
+    v_last = None if vc is None else torch.empty(B, 2 * Hkv, vc.shape[3])[:, ::2]
+    kc, vc = kc.clone(), None if vc is None else vc.clone()
+    for b, n in enumerate(cl.tolist()):
+        page, slot = int(bt[b, (n - 1) // kc.shape[1]]), (n - 1) % kc.shape[1]
+        k_last[b] = kc[page, slot]
+        kc[page, slot] = float("nan")
+        if vc is not None:
+            v_last[b] = vc[page, slot]
+            vc[page, slot] = float("nan")
+    return kc, vc, k_last, v_last
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["cache-only", "k_last"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_cpu_kernel_matches_reference(name, last):
+    B, Hq, Hkv, Dqk, Dv, page_size, lens, latent = CASES[name]
+    q, kc, vc, bt, cl = make_case(B, Hq, Hkv, Dqk, Dv, page_size, lens, latent, seed=len(name),
+                                  table_dtype=torch.int64 if last else torch.int32)
+    expected = reference(q, kc, vc, bt, cl, 0.3, Dv)
+    extra = {}
+    if last:
+        kc, vc, extra["k_last"], extra["v_last"] = take_last(q, kc, vc, bt, cl)
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)  # strided rows: the kernel reads q's strides
+    out = paged_attention_decode_cpu(q, kc, vc, bt, cl, 0.3, v_dim=Dv, **extra)
+    assert out.shape == (B, Hq, Dv) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernel_extreme_logits_and_strided_cache():
+    """Scores in the thousands (the softmax must subtract the max), and the engine's head-major
+    buffer [pages, Hkv, page_size, D] read through its [pages, page_size, Hkv, D] view."""
+    q, kc, vc, bt, cl = make_case(3, 8, 2, 32, 32, 16, [70, 100, 1], seed=15)
+    q = q * 200
+    expected = reference(q, kc, vc, bt, cl, 1.0, 32)
+    kc, vc = kc.transpose(1, 2).contiguous().transpose(1, 2), vc.transpose(1, 2).contiguous().transpose(1, 2)
+    out = paged_attention_decode_cpu(q, kc, vc, bt, cl, 1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_kernel_reports_a_missing_compiler(monkeypatch, tmp_path):
+    """No compiler: a one-line reason, and the engine's cache falls back to the gather path with a warning."""
+    from engine.kv_cache import PagedKVCache
+    from engine.testing import tiny_config
+
+    monkeypatch.setattr(paged_attention_cpu, "_state", {})
+    monkeypatch.setenv("SMALL_LLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert "no C++ compiler 'no-such-compiler'" in paged_attention_cpu.cpu_kernel_error()
+    with pytest.warns(UserWarning, match="gather path"):
+        cache = PagedKVCache(tiny_config("gqa"), 8, 4, torch.float32, "cpu")
+    assert cache.decode_kernel is None
+    with pytest.raises(RuntimeError, match="unavailable: no C"):
+        paged_attention_decode_cpu(**_bad())
+    assert not any(tmp_path.rglob("*.so"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision(dtype):
     q, kc, vc, bt, cl = make_case(2, 4, 2, 32, 32, 8, [5, 41], dtype=dtype, seed=11,
@@ -152,14 +214,28 @@ BAD_INPUTS = {
     "table-dtype": (lambda: _bad(block_tables=torch.zeros(2, 3)), "block_tables"),
     "lens-shape": (lambda: _bad(context_lens=torch.tensor([3], dtype=torch.int32)), "context_lens"),
 }
+CPU_BAD_INPUTS = {
+    "cpu-dtype": (lambda: {k: v.double() if v.is_floating_point() else v for k, v in _bad().items()}, "float32"),
+    "k-last-shape": (lambda: _bad(k_last=torch.randn(2, 2, 8), v_last=torch.randn(2, 2, 16)), "k_last must be"),
+    "v-last-without-k-last": (lambda: _bad(v_last=torch.randn(2, 2, 16)), "v_last exactly when"),
+    "k-last-without-v-last": (lambda: _bad(k_last=torch.randn(2, 2, 16)), "v_last exactly when"),
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-@pytest.mark.parametrize("fn", [paged_attention_decode, paged_attention_decode_torch], ids=["triton", "torch"])
+@pytest.mark.parametrize("fn", [paged_attention_decode, paged_attention_decode_torch, paged_attention_decode_cpu],
+                         ids=["triton", "torch", "cpu"])
 def test_bad_inputs_raise(fn, case):
     make, message = BAD_INPUTS[case]
     with pytest.raises(ValueError, match=message):
         fn(**make())
+
+
+@pytest.mark.parametrize("case", list(CPU_BAD_INPUTS))
+def test_cpu_kernel_bad_inputs_raise(case):
+    make, message = CPU_BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message):
+        paged_attention_decode_cpu(**make())
 
 
 def test_cpu_without_interpreter_raises(monkeypatch):
