@@ -65,6 +65,40 @@ inline void axpy(float* y, float p, const float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += p * v[i];
 }
 
+// One (sequence, kv head): its G query heads qs [G, dk] (pre-scaled) over the n keys and values the
+// row pointers name -> out [G, dv]. s [G, n], sums [G] and acc [G, dv] are scratch. DK/DV > 0 fix the head dims
+// at compile time (fully unrolled rows); 0 reads dk/dv. Keys go in the outer loop so each row is
+// loaded from memory once and reused from L1 by the G query heads.
+template <int DK, int DV>
+void attend_group(const float* qs, const float* const* krow, const float* const* vrow, int64_t n, int64_t G,
+                  int64_t dk_, int64_t dv_, float* s, float* sums, float* acc, float* out) {
+  const int64_t dk = DK ? DK : dk_, dv = DV ? DV : dv_, n4 = n - n % 4;
+  for (int64_t t = 0; t < n4; t += 4)
+    for (int64_t g = 0; g < G; ++g) dot4(qs + g * dk, krow + t, s + g * n + t, dk);
+  for (int64_t t = n4; t < n; ++t)
+    for (int64_t g = 0; g < G; ++g) s[g * n + t] = dot(qs + g * dk, krow[t], dk);
+  for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, and their sums
+    float* sg = s + g * n;
+    float mx = sg[0], sum = 0.f;
+    for (int64_t t = 1; t < n; ++t) mx = std::max(mx, sg[t]);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; ++t) sum += (sg[t] = std::exp(sg[t] - mx));
+    sums[g] = sum;
+  }
+  std::fill(acc, acc + G * dv, 0.f);
+  for (int64_t t = 0; t < n4; t += 4)
+    for (int64_t g = 0; g < G; ++g) {
+      const float p[4] = {s[g * n + t], s[g * n + t + 1], s[g * n + t + 2], s[g * n + t + 3]};
+      axpy4(acc + g * dv, p, vrow + t, dv);
+    }
+  for (int64_t t = n4; t < n; ++t)
+    for (int64_t g = 0; g < G; ++g) axpy(acc + g * dv, s[g * n + t], vrow[t], dv);
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = 1.f / sums[g];
+    for (int64_t d = 0; d < dv; ++d) out[g * dv + d] = acc[g * dv + d] * inv;
+  }
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
                                   const std::optional<at::Tensor>& v_cache, const at::Tensor& block_tables_in,
                                   const at::Tensor& context_lens_in, const std::optional<at::Tensor>& k_last_in,
@@ -109,8 +143,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   const float sc = static_cast<float>(scale);
   // About 16k multiply-adds per task before a second thread is worth waking.
   const int64_t work = std::max<int64_t>(1, G * max_len * (Dk + Dv));
+  auto group = Dk == Dv && Dk == 32    ? attend_group<32, 32>
+               : Dk == Dv && Dk == 64  ? attend_group<64, 64>
+               : Dk == Dv && Dk == 128 ? attend_group<128, 128>
+                                       : attend_group<0, 0>;
   at::parallel_for(0, B * Hkv, std::max<int64_t>(1, 16384 / work), [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(G * Dk), s(G * max_len), acc(G * Dv);
+    std::vector<float> qs(G * Dk), s(G * max_len), sums(G), acc(G * Dv);
     std::vector<const float*> krow(max_len), vrow(max_len);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv, n = len[b];
@@ -133,24 +171,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
       }
       for (int64_t g = 0; g < G; ++g)  // the group's queries, pre-scaled, in one contiguous tile
         for (int64_t d = 0; d < Dk; ++d) qs[g * Dk + d] = qp[b * q_seq + (h * G + g) * q_head + d] * sc;
-
-      const int64_t n4 = n - n % 4;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qs.data() + g * Dk;
-        float* sg = s.data() + g * n;  // scores, then probabilities (unnormalised)
-        for (int64_t t = 0; t < n4; t += 4) dot4(qg, krow.data() + t, sg + t, Dk);
-        for (int64_t t = n4; t < n; ++t) sg[t] = dot(qg, krow[t], Dk);
-        float mx = sg[0], sum = 0.f;
-        for (int64_t t = 1; t < n; ++t) mx = std::max(mx, sg[t]);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; ++t) sum += (sg[t] = std::exp(sg[t] - mx));
-        float* ag = acc.data() + g * Dv;
-        std::fill(ag, ag + Dv, 0.f);
-        for (int64_t t = 0; t < n4; t += 4) axpy4(ag, sg + t, vrow.data() + t, Dv);
-        for (int64_t t = n4; t < n; ++t) axpy(ag, sg[t], vrow[t], Dv);
-        const float inv = 1.f / sum;
-        for (int64_t d = 0; d < Dv; ++d) o[g * Dv + d] = ag[d] * inv;
-      }
+      group(qs.data(), krow.data(), vrow.data(), n, G, Dk, Dv, s.data(), sums.data(), acc.data(), o);
     }
   });
   return out;
