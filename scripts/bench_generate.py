@@ -3,6 +3,7 @@
     python scripts/bench_generate.py                           # GQA, batch 1/16/64, CPU, eager
     python scripts/bench_generate.py --compile --hf            # compiled decode step; HF measured alongside
     python scripts/bench_generate.py --attention mha mqa mla     # other variants
+    python scripts/bench_generate.py --no-paged-kernel           # decode through the PyTorch gather path
     python scripts/bench_generate.py --json
 
 Model: d=256, 6 layers, 8 heads (2 kv heads for GQA), SwiGLU 688, vocab 8192, fp32, random weights.
@@ -81,7 +82,7 @@ def hf_baseline(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> d
     return {"batch": batch, "hf_e2e_tok_s": round(best, 1)}
 
 
-def mixed_workload(attention: str, block_size: int, seed: int = 0) -> dict:
+def mixed_workload(attention: str, block_size: int, paged_kernel: bool, seed: int = 0) -> dict:
     model = bench_model(attention, max_seq_len=1024)
     rng = random.Random(seed)
     n = 48
@@ -89,7 +90,7 @@ def mixed_workload(attention: str, block_size: int, seed: int = 0) -> dict:
     params = [SamplingParams(temperature=0, max_new_tokens=rng.randint(16, 512), ignore_eos=True) for _ in range(n)]
     # 6144 tokens of KV for 48 requests of up to 1024 tokens: continuous batching with preemptions.
     llm = LLM(model=model, device="cpu", block_size=block_size, num_blocks=6144 // block_size,
-              max_num_seqs=16, enable_prefix_caching=False)
+              max_num_seqs=16, enable_prefix_caching=False, paged_kernel=paged_kernel)
     t0 = time.perf_counter()
     llm.generate(prompts, params)
     s = llm.stats
@@ -109,15 +110,18 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="report the best of this many runs")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (about a minute first)")
     ap.add_argument("--no-mixed", action="store_true", help="skip the mixed-length memory workload")
+    ap.add_argument("--no-paged-kernel", action="store_true",
+                    help="decode through the PyTorch gather path instead of the C++ paged-attention kernel")
     ap.add_argument("--hf", action="store_true", help="also measure Hugging Face transformers' generate here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {"threads": torch.get_num_threads(), "compile": args.compile, "runs": []}
+    results = {"threads": torch.get_num_threads(), "compile": args.compile,
+               "paged_kernel": not args.no_paged_kernel, "runs": []}
     for att in args.attention:
         llm = LLM(model=bench_model(att), device="cpu", block_size=args.block_size, enable_prefix_caching=False,
-                  max_num_seqs=max(args.batch), compile=args.compile)
+                  max_num_seqs=max(args.batch), compile=args.compile, paged_kernel=not args.no_paged_kernel)
         t0 = time.perf_counter()
         run_batch(llm, 2, args.prompt_len, 8, seed=123)  # warm-up (and compilation: batch >= 2 ...)
         run_batch(llm, 1, args.prompt_len, 4, seed=124)  # ... and batch 1)
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
             if not args.json:
                 print(json.dumps(best), flush=True)
         if not args.no_mixed:
-            mixed = mixed_workload(att, args.block_size)
+            mixed = mixed_workload(att, args.block_size, not args.no_paged_kernel)
             mixed["attention"] = att
             results.setdefault("mixed", []).append(mixed)
             if not args.json:
