@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, apply_repetition_penalty, filter_logits, make_generator, sample_from_probs
+from engine.sampler import (Sampler, apply_repetition_penalty, filter_logits, greedy_tokens, make_generator,
+                            sample_from_probs)
 from engine.sampling_params import SamplingParams
 
 
@@ -58,6 +59,23 @@ def test_top_p_after_top_k_uses_renormalised_mass():
     assert kept(filt(x, top_k=2, top_p=0.55)) == [0]
     # Without top-k, 0.4 < 0.55 so the second token (crossing) is kept too.
     assert kept(filt(x, top_p=0.55)) == [0, 1]
+
+
+def test_greedy_tokens_match_argmax_with_ties_and_nan():
+    """The chunked argmax against torch.argmax: random rows, a row max tied across chunks and inside
+    one (the first index wins), a NaN (it counts as the max), and vocab sizes it does not chunk."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 8192, generator=g)
+    x[1, [300, 5000]] = 50.0  # tie across chunks
+    x[2, [129, 130]] = 50.0  # tie inside a chunk
+    x[3, 8191] = 50.0  # the last element
+    x[4, 4000] = float("nan")
+    x[5] = 1.0  # all equal
+    assert torch.equal(greedy_tokens(x), x.argmax(-1))
+    assert greedy_tokens(x)[1] == 300 and greedy_tokens(x)[2] == 129 and greedy_tokens(x)[5] == 0
+    for V in (64, 1000, 8192 + 64):
+        y = torch.randn(3, V, generator=g)
+        assert torch.equal(greedy_tokens(y), y.argmax(-1))
 
 
 def test_min_p():
