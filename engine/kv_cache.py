@@ -123,10 +123,11 @@ class PagedKVCache:
             self.v_buf[:, dst] = self.v_buf[:, src]
 
     # ---- step metadata ----------------------------------------------------------------------
-    def _write_index(self, slots: torch.Tensor) -> torch.Tensor:
-        """(token, head) rows of a layer's buffer for slots [W] (int64): [W, Hkv]."""
+    def _write_index(self, slots: list[int]) -> torch.Tensor:
+        """(token, head) rows of a layer's buffer for slots [W]: [W * Hkv] int64. Built in Python: a decode
+        step writes a few dozen rows, and each small tensor op costs more than the list here."""
         bs, H = self.block_size, self.n_kv_heads
-        return ((slots // bs * H)[:, None] + self._arange[:H]) * bs + (slots % bs)[:, None]
+        return long_tensor([(s // bs * H + h) * bs + s % bs for s in slots for h in range(H)], self.device)
 
     def _gather(self, tables: torch.Tensor) -> torch.Tensor:
         """(block, head) rows for tables [S, nblk] (int64), ordered [S, Hkv, nblk]."""
@@ -146,8 +147,7 @@ class PagedKVCache:
         bs, H, dev = self.block_size, self.n_kv_heads, self.device
         B = len(context_lens)
         nblk = -(-max(context_lens) // bs)
-        slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(block_tables, context_lens)]
-        write = self._write_index(long_tensor(slots, dev)).reshape(-1)
+        write = self._write_index([t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(block_tables, context_lens)])
         tables = self._tables(block_tables, nblk)  # padding reads block 0, masked (or not read by the kernels)
         lens = long_tensor(context_lens, dev)
         self._new_k, self._new_v = [], []
@@ -170,14 +170,13 @@ class PagedKVCache:
                       slot_mapping: list[int]) -> None:
         """q_lens[i] new tokens of sequence i are packed in order; slot_mapping: one slot per packed token."""
         bs, dev = self.block_size, self.device
-        slots = long_tensor(slot_mapping, dev)
-        write_rows = None
+        write_rows, written = None, slot_mapping
         if min(slot_mapping) < 0:
-            write_rows = (slots >= 0).nonzero().squeeze(1)
-            slots = slots[write_rows]
+            write_rows = long_tensor([i for i, s in enumerate(slot_mapping) if s >= 0], dev)
+            written = [s for s in slot_mapping if s >= 0]
         nblk = -(-max(ctx_lens) // bs)
         tables = self._tables(block_tables, nblk)
-        meta = StepMetadata(True, self._write_index(slots).reshape(-1), None, None, write_rows, tables.to(torch.int32),
+        meta = StepMetadata(True, self._write_index(written), None, None, write_rows, tables.to(torch.int32),
                             torch.tensor(ctx_lens, dtype=torch.int32, device=dev), num_tokens=len(slot_mapping))
         starts, acc = [], 0
         for q in q_lens:
