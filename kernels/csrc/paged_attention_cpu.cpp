@@ -60,6 +60,13 @@ inline void axpy4(float* y, const float* p, const float* const* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
 }
 
+// Rows two steps ahead: a sequence's pages are scattered, so the hardware prefetcher, which follows
+// runs of addresses, misses the first lines of every page.
+inline void prefetch_rows(const float* const* rows, int64_t count, int64_t n) {
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(rows[r] + i);
+}
+
 inline void axpy(float* y, float p, const float* v, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += p * v[i];
@@ -73,8 +80,10 @@ template <int DK, int DV>
 void attend_group(const float* qs, const float* const* krow, const float* const* vrow, int64_t n, int64_t G,
                   int64_t dk_, int64_t dv_, float* s, float* sums, float* acc, float* out) {
   const int64_t dk = DK ? DK : dk_, dv = DV ? DV : dv_, n4 = n - n % 4;
-  for (int64_t t = 0; t < n4; t += 4)
+  for (int64_t t = 0; t < n4; t += 4) {
+    prefetch_rows(krow + t + 8, std::min<int64_t>(4, n - t - 8), dk);
     for (int64_t g = 0; g < G; ++g) dot4(qs + g * dk, krow + t, s + g * n + t, dk);
+  }
   for (int64_t t = n4; t < n; ++t)
     for (int64_t g = 0; g < G; ++g) s[g * n + t] = dot(qs + g * dk, krow[t], dk);
   for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, and their sums
@@ -86,11 +95,13 @@ void attend_group(const float* qs, const float* const* krow, const float* const*
     sums[g] = sum;
   }
   std::fill(acc, acc + G * dv, 0.f);
-  for (int64_t t = 0; t < n4; t += 4)
+  for (int64_t t = 0; t < n4; t += 4) {
+    prefetch_rows(vrow + t + 8, std::min<int64_t>(4, n - t - 8), dv);
     for (int64_t g = 0; g < G; ++g) {
       const float p[4] = {s[g * n + t], s[g * n + t + 1], s[g * n + t + 2], s[g * n + t + 3]};
       axpy4(acc + g * dv, p, vrow + t, dv);
     }
+  }
   for (int64_t t = n4; t < n; ++t)
     for (int64_t g = 0; g < G; ++g) axpy(acc + g * dv, s[g * n + t], vrow[t], dv);
   for (int64_t g = 0; g < G; ++g) {
