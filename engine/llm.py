@@ -170,8 +170,9 @@ class LLM:
         max_num_seqs caps the running batch, max_num_batched_tokens the new tokens of a prefill step.
         use_cache=False decodes by full recompute (the reference). compile=True compiles the CPU decode
         step with torch.compile (a one-off compilation of 10-90 s, cached on disk by torch afterwards;
-        needs a C++ compiler; sets two global compiler options, see model_runner.py): on the 2-core
-        CPU of the README, 1.4-2x the eager decode tokens/s at batch 1 and 16. paged_kernel=False decodes
+        needs a C++ compiler; sets two global compiler options, see model_runner.py; the compiled step
+        holds the weights as constants, so make a new LLM after changing them): on the 2-core CPU of the
+        README, 1.6-2x the eager decode tokens/s at batch 1 and 16. paged_kernel=False decodes
         through the PyTorch gather path instead of the paged-attention kernel (Triton on CUDA; on CPU a
         C++ kernel, built on first use in about 15 s: see kernels/paged_attention_cpu.py)."""
         self.device = torch.device(device) if device is not None else _default_device()
