@@ -336,7 +336,7 @@ class LLM:
             t0 = time.perf_counter()
             batch = sched.schedule()
             self.cache.copy_blocks(batch.copies)
-            logits = self.runner.run(batch.seqs, batch.is_prefill)
+            logits, argmax = self.runner.run(batch.seqs, batch.is_prefill)  # argmax: None in prefill
             run = batch.seqs
             if batch.is_prefill:
                 st.prefill_tokens += sum(s.num_tokens - min(s.num_computed_tokens, s.num_tokens - 1) for s in run)
@@ -352,7 +352,7 @@ class LLM:
                             rows += [i] * len(children)
                     logits = logits[torch.tensor(rows, device=logits.device)]
             tokens = self.sampler(logits, [s.params for s in run], [s.generator for s in run],
-                                  [s.token_ids for s in run])
+                                  [s.token_ids for s in run], argmax)
             finished = sched.postprocess(run, tokens)
             self._emit(run, tokens, logits, on_token)
             dt = time.perf_counter() - t0

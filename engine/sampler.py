@@ -59,20 +59,6 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(mask, float("-inf"))
 
 
-def greedy_tokens(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """logits.argmax(-1) for logits [B, V]: the first index of each row's maximum (NaN counts as the
-    maximum, as in torch.argmax). On CPU torch.argmax is a scalar loop (~1.2 ns per element here) and
-    torch.amax a vectorised one, so this finds the chunk holding the maximum with amax and runs argmax
-    only inside it (measured at [16, 8192]: 130-200 us -> 72-96 us; [64, 8192]: 510-650 -> 162-207 us;
-    at a few rows the extra small ops cost more than they save: [1, 8192] 18-25 us -> 42-56 us)."""
-    B, V = logits.shape
-    if logits.device.type != "cpu" or B < 4 or V % chunk or V < 8 * chunk:
-        return logits.argmax(-1)
-    chunks = logits.view(B, V // chunk, chunk)
-    best = chunks.amax(-1).argmax(-1)  # the first chunk whose maximum is the row's
-    return best * chunk + chunks[torch.arange(B, device=logits.device), best].argmax(-1)
-
-
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: probs [B, V] (rows need not sum to 1), uniforms [B] in [0, 1) -> [B] ids.
     Only tokens with positive probability can be drawn."""
@@ -87,14 +73,16 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
 class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
-                 generators: Seq[Optional[torch.Generator]], histories: Seq[list[int]]) -> list[int]:
-        """logits [B, V] float32; one SamplingParams, generator and token history (prompt + output) per row."""
+                 generators: Seq[Optional[torch.Generator]], histories: Seq[list[int]],
+                 argmax: Optional[torch.Tensor] = None) -> list[int]:
+        """logits [B, V] float32; one SamplingParams, generator and token history (prompt + output) per row.
+        argmax: logits.argmax(-1) when the caller already has it (the compiled decode step computes it)."""
         rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if rows:
             logits = logits.clone()
             for i in rows:
                 logits[i] = apply_repetition_penalty(logits[i], histories[i], params[i].repetition_penalty)
-        tokens = greedy_tokens(logits)
+        tokens = argmax if argmax is not None and not rows else logits.argmax(-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             dev = logits.device
