@@ -151,10 +151,9 @@ class PagedKVCache:
         tables = self._tables(block_tables, nblk)  # padding reads block 0, masked (or not read by the kernels)
         lens = long_tensor(context_lens, dev)
         self._new_k, self._new_v = [], []
-        if self.decode_kernel == "triton":
-            self.meta = StepMetadata(False, write, None, None, None, tables.to(torch.int32), lens.to(torch.int32), num_tokens=B)
-            return
-        if self.decode_kernel == "cpu":
+        if self.decode_kernel:  # the kernels read through the tables: no gather rows, no mask
+            if self.decode_kernel == "triton":
+                tables, lens = tables.to(torch.int32), lens.to(torch.int32)
             self.meta = StepMetadata(False, write, None, None, None, tables, lens, num_tokens=B)
             return
         L = nblk * bs

@@ -8,9 +8,8 @@ sequence goes through the LM head.
 A decode step on CPU only reads the cache: the forward returns the new K/V of every layer and the
 runner writes them in one op afterwards (see kv_cache.py). compile=True compiles that forward (the
 whole model for one token per sequence, the paged-attention kernel calls, or on the gather path the
-gathers from the cache, included) with torch.compile;
-prefill stays eager. The first steps pay the compilation (two graphs: batch 1 and
-batch >= 2; sizes are dynamic after that).
+gathers from the cache, included) with torch.compile; prefill stays eager. The first steps pay the
+compilation (two graphs: batch 1 and batch >= 2; sizes are dynamic after that).
 """
 
 from typing import Optional
