@@ -134,7 +134,7 @@ def run(args) -> int:
     import torch
 
     from engine import LLM, RequestTooLarge, SamplingParams  # imported late: --help stays fast
-    from training.checkpoint import CheckpointError
+    from checkpoint import CheckpointError
 
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,

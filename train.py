@@ -21,8 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import DataError, TokenBatches, bits_per_byte, eval_batches, load_prepared, prepare
 from model import ConfigError, ModelConfig, Transformer
-from training.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
-                                 save_checkpoint)
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.ablation import register_resolvers
 from training.config import register_configs
 from training.distributed import (PARALLEL_MODES, any_rank, fail_together, forward_is_collective, full_state,
@@ -30,6 +29,7 @@ from training.distributed import (PARALLEL_MODES, any_rank, fail_together, forwa
                                   reports_error, shutdown, sum_across_ranks, wrap_model)
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, lr_at
+from training.rng import capture_rng_state, restore_rng_state
 from training.sample import sample_text
 
 register_configs()

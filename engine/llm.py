@@ -23,6 +23,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from checkpoint import load_model
+from data.config import EOT
 from model import ModelConfig, Transformer
 
 from .block_manager import BlockManager
@@ -32,9 +34,6 @@ from .sampler import Sampler, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, check_finished
 from .sequence import Sequence, Status
-
-EOS_TOKEN = "<|endoftext|>"
-
 
 @dataclass
 class CompletionOutput:
@@ -129,31 +128,6 @@ def _available_memory(device: torch.device) -> int:
         return 2 ** 31
 
 
-def load_model(ckpt, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer, eos id) from a run/checkpoints/checkpoint folder; CheckpointError on any problem."""
-    from tokenizers import Tokenizer
-
-    from training.checkpoint import CheckpointError, load_checkpoint
-
-    c = load_checkpoint(ckpt)
-    try:
-        cfg = ModelConfig(**c.config["model"])
-    except Exception as e:  # missing section, unknown keys, invalid values
-        raise CheckpointError(f"checkpoint '{c.dir}' has an unusable model config ({e})") from None
-    model = Transformer(cfg)
-    try:
-        model.load_state_dict(c.model_state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"checkpoint '{c.dir}' does not match its config "
-                              f"({' '.join(first[:2])[:200]})") from None
-    try:
-        tok = Tokenizer.from_file(str(c.tokenizer_path))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint '{c.dir}' has an unreadable tokenizer.json ({e})") from None
-    return model.to(device=device, dtype=dtype).eval(), tok, tok.token_to_id(EOS_TOKEN)
-
-
 class LLM:
     def __init__(self, ckpt=None, *, model: Optional[Transformer] = None, tokenizer=None,
                  eos_token_id: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
@@ -186,7 +160,7 @@ class LLM:
         else:
             model = model.to(device=self.device, dtype=dtype).eval()
             if eos_token_id is None and tokenizer is not None:
-                eos_token_id = tokenizer.token_to_id(EOS_TOKEN)
+                eos_token_id = tokenizer.token_to_id(EOT)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if num_blocks is not None and num_blocks < 1:

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import training.checkpoint  # noqa: E402
+import checkpoint.store  # noqa: E402
 import training.optim  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -46,14 +46,14 @@ if "FAULT_STOP_AT_STEP" in os.environ:
     training.optim.lr_at = lr_at  # before train.py runs its `from training.optim import lr_at`
 
 if "FAULT_STOP_IN_SAVE_AT_STEP" in os.environ:
-    save_step, real_save_file = int(os.environ["FAULT_STOP_IN_SAVE_AT_STEP"]), training.checkpoint.save_file
+    save_step, real_save_file = int(os.environ["FAULT_STOP_IN_SAVE_AT_STEP"]), checkpoint.store.save_file
 
     def save_file(tensors, path, metadata=None):
         real_save_file(tensors, path, metadata=metadata)
         if metadata and int(metadata["step"]) == save_step:
             stop()
 
-    training.checkpoint.save_file = save_file
+    checkpoint.store.save_file = save_file
 
 if __name__ == "__main__":
     FAULT_DIR.mkdir(parents=True, exist_ok=True)

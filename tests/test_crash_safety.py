@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import train
-import training.checkpoint as checkpoint
+import checkpoint.store as store
 from conftest import ROOT, compose_config
 from test_distributed import (assert_same_run, finish, launch, losses, ok, one_error_line, overrides,  # noqa: F401
                               reference_run, torchrun)
-from training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 
 FAULTS = ROOT / "tests" / "fault_injection.py"
 
@@ -104,23 +104,23 @@ def test_checkpoint_is_complete_or_invisible(tmp_path, monkeypatch):
         resolve_checkpoint(root / ".tmp-step_0000002")
 
     # A failed write (full disk) raises a clear error and changes nothing visible.
-    real_save_file = checkpoint.save_file
+    real_save_file = store.save_file
 
     def disk_full(tensors, path, metadata=None):
         Path(path).write_bytes(b"half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(store, "save_file", disk_full)
     with pytest.raises(CheckpointError, match=r"No space left on device.*step_0000001 is intact"):
         write(root, 3, tokenizer)
     assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "step_0000001"]  # leftovers cleaned
     assert load_checkpoint(root).trainer_state()["step"] == 1
 
     # A good write: files and folder fsynced before the rename, `latest` moved only after it.
-    monkeypatch.setattr(checkpoint, "save_file", real_save_file)
-    events, real_fsync, real_replace = [], checkpoint._fsync, os.replace
-    monkeypatch.setattr(checkpoint, "_fsync", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
-    monkeypatch.setattr(checkpoint.os, "replace",
+    monkeypatch.setattr(store, "save_file", real_save_file)
+    events, real_fsync, real_replace = [], store._fsync, os.replace
+    monkeypatch.setattr(store, "_fsync", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(store.os, "replace",
                         lambda a, b: (events.append(("rename", Path(a).name, Path(b).name)), real_replace(a, b)))
     write(root, 4, tokenizer)
     rename = events.index(("rename", ".tmp-step_0000004", "step_0000004"))

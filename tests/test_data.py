@@ -15,7 +15,7 @@ from data import (DataConfig, DataError, TokenBatches, bits_per_byte, eval_batch
 from data.split import chunk_text, split_documents
 from data.tokenizer import token_dtype, train_tokenizer
 
-prep = importlib.import_module("data.prepare")  # the module; `data.prepare` is also the function
+prep = importlib.import_module("data.pipeline")
 
 EOT = "<|endoftext|>"
 WORDS = ["the", "king", "queen", "café", "naïve", "日本", "speak", "night", "sword", "love",

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import train
 from conftest import ROOT, compose_config, tiny_overrides
-from training.checkpoint import load_checkpoint
+from checkpoint import load_checkpoint
 
 TOL = 1e-5
 
@@ -86,7 +86,7 @@ def reference_run(corpus, data_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
     cfg = compose_config(overrides(corpus, data_cache, out))
     train.run(cfg)
-    from data.prepare import cache_folder
+    from data.pipeline import cache_folder
 
     meta = json.loads((cache_folder(OmegaConf.to_object(cfg.data)) / "meta.json").read_text())
     n_windows = (meta["n_val_tokens"] - 1) // cfg.train.seq_len

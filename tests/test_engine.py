@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, RequestTooLarge, SamplingParams
-from engine.testing import tiny_model
+from builders import tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,7 +178,7 @@ def test_eos_context_limit_and_errors():
 
 
 def test_checkpoint_tokenizer_and_stop_strings(tmp_path):
-    from engine.testing import write_checkpoint
+    from builders import write_checkpoint
 
     run = write_checkpoint(tmp_path / "run", "gqa")
     llm = LLM(run, device="cpu")

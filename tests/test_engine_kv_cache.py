@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.kv_cache import PagedKVCache
-from engine.testing import tiny_config
+from builders import tiny_config
 from kernels import paged_attention_decode_torch
 
 

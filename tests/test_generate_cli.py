@@ -24,7 +24,7 @@ def finish(p, timeout=120):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from engine.testing import write_checkpoint
+    from builders import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("cli") / "run", "gqa", max_seq_len=64)
 

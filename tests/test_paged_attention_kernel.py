@@ -150,7 +150,7 @@ def test_cpu_kernel_extreme_logits_and_strided_cache():
 def test_cpu_kernel_reports_a_missing_compiler(monkeypatch, tmp_path):
     """No compiler: a one-line reason, and the engine's cache falls back to the gather path with a warning."""
     from engine.kv_cache import PagedKVCache
-    from engine.testing import tiny_config
+    from builders import tiny_config
 
     monkeypatch.setattr(paged_attention_cpu, "_state", {})
     monkeypatch.setenv("SMALL_LLM_CACHE", str(tmp_path))

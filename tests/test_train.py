@@ -14,7 +14,7 @@ import torch
 
 import train
 from conftest import ROOT, compose_config, tiny_overrides
-from training.checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
 
 
 def metrics(out_dir: Path) -> list[dict]:

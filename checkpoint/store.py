@@ -22,12 +22,10 @@ number of processes or DDP/FSDP: a checkpoint resumes under any world size.
 
 import json
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -153,24 +151,3 @@ def load_checkpoint(path) -> Checkpoint:
     if config.get("model", {}).get("tie_embeddings") and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]
     return Checkpoint(d, config, state, d / TOKENIZER_FILE)
-
-
-def capture_rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

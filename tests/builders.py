@@ -1,14 +1,13 @@
-"""Small builders for tests and examples: a tiny random model and a complete checkpoint folder."""
+"""Small builders for the tests: a tiny random model and a complete checkpoint folder."""
 
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from checkpoint import save_checkpoint
+from data.config import EOT
 from model import ModelConfig, Transformer
-
-EOS = "<|endoftext|>"
-
 
 def tiny_config(attention: str = "gqa", **overrides) -> ModelConfig:
     """dim 64, 2 layers, 4 query heads (MHA: 4 kv heads, GQA: 2, MQA: 1; MLA: latent 32 + rope 8)."""
@@ -38,7 +37,7 @@ def train_tiny_tokenizer(vocab_size: int = 300):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = ["To be, or not to be, that is the question.", "Once upon a time there was a small model.",
             "The quick brown fox jumps over the lazy dog.", "ROMEO: But soft, what light through yonder window breaks?"]
@@ -48,8 +47,6 @@ def train_tiny_tokenizer(vocab_size: int = 300):
 
 def write_checkpoint(root: Path, attention: str = "gqa", seed: int = 0, step: int = 1, **overrides) -> Path:
     """A run folder `root` with checkpoints/latest holding a tiny random model and its tokenizer."""
-    from training.checkpoint import save_checkpoint
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tok = train_tiny_tokenizer()

@@ -1,0 +1,11 @@
+"""Checkpoints, read and written in one place that both training and inference import.
+
+    store.py   our own format: atomic save, load, resolve a run/checkpoint folder (training writes it)
+    load.py    a model ready to run from a path: (ModelConfig, weights, tokenizer) (inference reads it)
+"""
+
+from .load import Pretrained, load_model, load_pretrained
+from .store import Checkpoint, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+
+__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "resolve_checkpoint", "save_checkpoint",
+           "Pretrained", "load_pretrained", "load_model"]
