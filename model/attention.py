@@ -19,6 +19,7 @@ from .config import ModelConfig
 from .rope import apply_rope
 
 BACKENDS = ("auto", "triton", "sdpa", "math")
+AUTO_TRITON_DEVICES = ("cuda",)  # where "auto" tries our Triton kernel (tests add "cpu": the interpreter)
 
 
 def math_attention(q, k, v, scale: float) -> torch.Tensor:
@@ -35,11 +36,26 @@ def math_attention(q, k, v, scale: float) -> torch.Tensor:
     return (probs @ v.unsqueeze(2)).view(B, Hq, T, v.shape[-1])
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing: no graph break
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: "auto" is our Triton kernel on CUDA once it has passed its
+    self-check there (kernels/self_check.py), else SDPA. Raises ValueError with a one-line message
+    (callers may print it as is) for a backend that cannot run on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if backend not in ("auto", "triton"):
+        return backend
+    from kernels.self_check import flash_attention_ok, triton_unusable  # these import no triton
+
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "sdpa"
+        ok = device.type in AUTO_TRITON_DEVICES and triton_unusable(device) is None and flash_attention_ok(device)
+        return "triton" if ok else "sdpa"  # flash_attention_ok warned if it failed
+    problem = triton_unusable(device)
+    if problem:
+        raise ValueError(f"attention.backend=triton: {problem}: use attention.backend=sdpa or auto")
+    if not flash_attention_ok(device):
+        raise ValueError(f"attention.backend=triton: our Triton kernel failed its self-check on {device} "
+                         "(see the warning above): use attention.backend=sdpa or auto")
     return backend
 
 

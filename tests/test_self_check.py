@@ -1,0 +1,142 @@
+"""The kernels' first-use self-check (kernels/self_check.py) and the training side's fallback.
+
+No GPU here: the check runs our Triton kernels in Triton's CPU interpreter, and "broken" kernels
+are simulated by patching the launchers to return wrong values or to raise like a failed compile.
+The references are PyTorch's SDPA and gather path, never the kernels under test.
+"""
+
+import sys
+
+import pytest
+import torch
+
+import model.attention as attention
+from builders import tiny_model
+from kernels import paged_attention_decode, self_check
+
+flash_module = sys.modules["kernels.flash_attention"]  # `kernels.flash_attention` is the function
+
+
+@pytest.fixture(autouse=True)
+def interpreter_and_fresh_cache(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(self_check, "_results", {})  # every test checks afresh
+
+
+def wrong_forward(real):
+    """The launcher with a subtly wrong output (as a miscompiled kernel would give)."""
+    def forward(*args):
+        o, lse = real(*args)
+        return o * 1.05, lse
+    return forward
+
+
+def compile_error(*args, **kwargs):
+    raise RuntimeError("PTX assembly failed: ptxas fatal: unsupported gpu architecture")
+
+
+def test_real_kernels_pass():
+    cpu = torch.device("cpu")
+    assert self_check.check_flash_attention(cpu) is None
+    assert self_check.check_paged_decode(cpu) is None
+
+
+def test_wrong_forward_fails(monkeypatch):
+    monkeypatch.setattr(flash_module, "_forward", wrong_forward(flash_module._forward))
+    assert "output differs" in self_check.check_flash_attention(torch.device("cpu"))
+
+
+def test_wrong_backward_fails(monkeypatch):
+    """A kernel whose forward is right but whose dK is off: the check runs the backward too."""
+    real = flash_module._backward
+
+    def backward(*args):
+        dq, dk, dv = real(*args)
+        return dq, dk * 0.9, dv
+    monkeypatch.setattr(flash_module, "_backward", backward)
+    assert "dk differs" in self_check.check_flash_attention(torch.device("cpu"))
+
+
+def test_wrong_split_k_fails():
+    """A paged kernel right with one split but wrong with several: both paths are checked."""
+    def kernel(*args, num_splits, **kwargs):
+        out = paged_attention_decode(*args, num_splits=num_splits, **kwargs)
+        return out if num_splits == 1 else out.flip(0)  # split-K hands sequences each other's output
+    problem = self_check.check_paged_decode(torch.device("cpu"), kernel=kernel)
+    assert "3 splits" in problem
+
+
+@pytest.mark.parametrize("which", ["flash", "paged"])
+def test_failure_warns_one_line_once_and_is_cached(which, monkeypatch):
+    calls = []
+    name = "check_flash_attention" if which == "flash" else "check_paged_decode"
+    monkeypatch.setattr(self_check, name, lambda device: calls.append(device) or compile_error())
+    is_ok = self_check.flash_attention_ok if which == "flash" else self_check.paged_decode_ok
+    with pytest.warns(UserWarning) as caught:
+        assert is_ok("cpu") is False
+    assert is_ok(torch.device("cpu")) is False  # cached: no second run, no second warning
+    assert len(calls) == 1 and len(caught) == 1
+    message = str(caught[0].message)
+    assert "\n" not in message and "failed its self-check on cpu" in message
+    assert "RuntimeError: PTX assembly failed" in message
+    assert ("SDPA" if which == "flash" else "gather path") in message
+
+
+def test_passing_check_is_cached(monkeypatch):
+    calls = []
+    monkeypatch.setattr(self_check, "check_paged_decode", lambda device: calls.append(device))
+    assert self_check.paged_decode_ok("cpu") and self_check.paged_decode_ok("cpu")
+    assert len(calls) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# The training side: model/attention.py's backend choice
+# ------------------------------------------------------------------------------------------
+def logits(backend, x):
+    model = tiny_model("gqa")
+    for layer in model.layers:
+        layer.attn.backend = backend
+    return model(x)[0]
+
+
+@pytest.mark.parametrize("break_with", ["wrong-values", "compile-error"])
+def test_auto_falls_back_to_sdpa_when_the_check_fails(break_with, monkeypatch):
+    """`auto` on a device where our kernel is tried (CUDA; here the CPU interpreter stands in):
+    a kernel failing the check is never used, training gets SDPA's results and one warning."""
+    monkeypatch.setattr(attention, "AUTO_TRITON_DEVICES", ("cpu",))
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = logits("sdpa", x)
+    torch.testing.assert_close(logits("auto", x), expected, atol=1e-4, rtol=1e-4)  # the real kernel
+    assert self_check._results == {("flash_attention", "cpu"): True}
+
+    monkeypatch.setattr(self_check, "_results", {})
+    broken = wrong_forward(flash_module._forward) if break_with == "wrong-values" else compile_error
+    monkeypatch.setattr(flash_module, "_forward", broken)
+    with pytest.warns(UserWarning, match="failed its self-check on cpu"):
+        got = logits("auto", x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_triton_refuses_a_failed_kernel(monkeypatch):
+    monkeypatch.setattr(flash_module, "_forward", compile_error)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="failed its self-check") as err:
+        attention.resolve_backend("triton", torch.device("cpu"))
+    assert "\n" not in str(err.value) and "attention.backend=sdpa" in str(err.value)
+
+
+@pytest.mark.parametrize("backend,interpret,message", [
+    ("foo", "1", "unknown attention backend 'foo': choose one of auto, triton, sdpa, math"),
+    ("triton", "0", "attention.backend=triton: it needs a CUDA GPU, got device cpu"),
+])
+def test_backend_errors_are_one_line(backend, interpret, message, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    with pytest.raises(ValueError) as err:
+        attention.resolve_backend(backend, torch.device("cpu"))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_auto_on_cpu_is_sdpa_without_a_check(monkeypatch):
+    monkeypatch.setattr(self_check, "check_flash_attention", compile_error)
+    assert attention.resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert self_check._results == {}
+
