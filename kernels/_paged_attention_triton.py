@@ -38,7 +38,9 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["SPLIT_LEN", "D_QK", "D_V", "GROUP", "PAGE_SIZE", "SPLIT"])
+# SPLIT_BUCKET (a power of two >= SPLIT_LEN), not SPLIT_LEN: the split length changes every 64
+# tokens of context, and each new key value re-benchmarks all configs.
+@triton.autotune(configs=_configs(), key=["SPLIT_BUCKET", "D_QK", "D_V", "GROUP", "PAGE_SIZE", "SPLIT"])
 @triton.jit
 def _paged_decode(Q, K, V, BLOCK_TABLES, CONTEXT_LENS, O, O_PART, LSE_PART, sm_scale,
                   stride_qb, stride_qh, stride_qd,
@@ -48,7 +50,7 @@ def _paged_decode(Q, K, V, BLOCK_TABLES, CONTEXT_LENS, O, O_PART, LSE_PART, sm_s
                   stride_ob, stride_oh, stride_od,
                   stride_pb, stride_ph, stride_ps, stride_pd,
                   stride_lb, stride_lh,
-                  GROUP, SPLIT_LEN,
+                  GROUP, SPLIT_LEN, SPLIT_BUCKET,
                   D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_G: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):

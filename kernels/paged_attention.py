@@ -133,6 +133,29 @@ def _default_splits(device, programs, max_tokens, interp):
     return max(1, min(_cdiv(2 * sms, programs), _cdiv(max_tokens, 256), 32))
 
 
+def _launch_meta(q, k_cache, block_tables, Dv, num_splits, interp) -> dict:
+    """The kernel's named arguments (and `num_splits`). The split length is a multiple of 64 that
+    follows the table width, so it changes every 64 tokens of context; the autotuner is keyed on
+    its power-of-two bucket SPLIT_BUCKET instead, else a GPU would re-benchmark every config each
+    time a sequence grew past another 64 tokens."""
+    B, Hq, Dqk = q.shape
+    _, page_size, Hkv, _ = k_cache.shape
+    max_tokens = max(1, block_tables.shape[1] * page_size)
+    if num_splits is None:
+        num_splits = _default_splits(q.device, B * Hkv, max_tokens, interp)
+    num_splits = max(1, min(int(num_splits), max_tokens))
+    split_len = _cdiv(_cdiv(max_tokens, num_splits), 64) * 64  # whole tiles per split
+    num_splits = _cdiv(max_tokens, split_len)
+    fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return dict(
+        num_splits=num_splits, GROUP=Hq // Hkv, SPLIT_LEN=split_len, SPLIT_BUCKET=_next_pow2(split_len),
+        D_QK=Dqk, D_V=Dv, BLOCK_DQK=max(16, _next_pow2(Dqk)), BLOCK_DV=max(16, _next_pow2(Dv)),
+        BLOCK_G=max(16, _next_pow2(Hq // Hkv)), PAGE_SIZE=page_size, SPLIT=num_splits > 1,
+        UPCAST=bool(interp and q.dtype == torch.bfloat16),
+        DOT_PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+    )
+
+
 def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens,
                            sm_scale=None, v_dim=None, num_splits=None):
     """Triton paged decode attention; same contract as `paged_attention_decode_torch`.
@@ -149,19 +172,12 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens,
         raise ValueError(f"paged_attention_decode: unsupported device {q.device}")
     kern = load_kernel_module("_paged_attention_triton", interp)
 
-    B, Hq, Dqk = q.shape
-    _, page_size, Hkv, _ = k_cache.shape
-    G = Hq // Hkv
+    B, Hq = q.shape[:2]
     o = q.new_empty(B, Hq, Dv)
     if B == 0:
         return o
-    max_tokens = block_tables.shape[1] * page_size
-    if num_splits is None:
-        num_splits = _default_splits(q.device, B * Hkv, max_tokens, interp)
-    num_splits = max(1, min(int(num_splits), max(1, max_tokens)))
-    split_len = _cdiv(_cdiv(max(max_tokens, 1), num_splits), 64) * 64  # whole tiles per split
-    num_splits = _cdiv(max(max_tokens, 1), split_len)
-    split = num_splits > 1
+    meta = _launch_meta(q, k_cache, block_tables, Dv, num_splits, interp)
+    num_splits, split = meta.pop("num_splits"), meta["SPLIT"]
 
     v_src = k_cache if v_cache is None else v_cache  # latent mode: V lives in the K buffer
     if split:
@@ -169,17 +185,11 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens,
         lse_part = torch.empty(B, Hq, num_splits, device=q.device, dtype=torch.float32)
     else:  # unused by the kernel (SPLIT=False); any tensor will do
         o_part, lse_part = o, o[..., 0]
-    fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    kern._paged_decode[(B, Hkv, num_splits)](
+    kern._paged_decode[(B, k_cache.shape[2], num_splits)](
         q, k_cache, v_src, block_tables, context_lens, o, o_part, lse_part, sm_scale,
         *q.stride(), *k_cache.stride(), *v_src.stride(), *block_tables.stride(), *o.stride(),
         *(o_part.stride() if split else (0, 0, 0, 0)), *(lse_part.stride()[:2] if split else (0, 0)),
-        G, split_len,
-        D_QK=Dqk, D_V=Dv,
-        BLOCK_DQK=max(16, _next_pow2(Dqk)), BLOCK_DV=max(16, _next_pow2(Dv)),
-        BLOCK_G=max(16, _next_pow2(G)), PAGE_SIZE=page_size, SPLIT=split,
-        UPCAST=bool(interp and q.dtype == torch.bfloat16),
-        DOT_PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+        **meta,
     )
     if split:
         kern._paged_reduce[(B, Hq)](

@@ -296,6 +296,22 @@ def test_kernels_compile_for_gpu(arch, dtype, Dqk, Dv, causal):
                     dict(D_V=Dv, BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=64), arch)
 
 
+def test_autotune_keys_take_few_values_as_lengths_vary():
+    """Each new autotune key value re-benchmarks every config on a GPU: sequence lengths 1..4096
+    must map to a handful of keys (power-of-two buckets), for all three tuned kernels."""
+    from kernels._triton_loader import load_kernel_module
+    from kernels.flash_attention import _meta_args
+
+    kern = load_kernel_module("_flash_attention_triton", interpret=False)
+    for kernel in (kern._attn_fwd, kern._attn_bwd_dkdv, kern._attn_bwd_dq):
+        keys = set()
+        for n in range(1, 4097):
+            q = torch.empty(1, 4, n, 64)
+            args = dict(_meta_args(q, q[:, :2], q[:, :2], True, interp=False), N_CTX=n, GROUP=2)
+            keys.add(tuple(args[name] for name in kernel.keys))
+        assert len(keys) <= 13, f"{len(keys)} autotune keys"
+
+
 def test_interpreter_switch_is_read_at_call_time():
     """Triton imported with the interpreter off (as another test or torch.compile may do), then
     TRITON_INTERPRET=1 set: CPU calls still run, in the interpreter. In a fresh process."""

@@ -244,6 +244,22 @@ def test_cpu_without_interpreter_raises(monkeypatch):
         paged_attention_decode(**_bad())
 
 
+def test_autotune_key_takes_few_values_as_contexts_grow():
+    """The GPU autotuner benchmarks every config once per key value: as a sequence grows token by
+    token to 4k (any split count), the key must take a handful of values, not one per 64 tokens."""
+    from kernels._triton_loader import load_kernel_module
+    from kernels.paged_attention import _launch_meta
+
+    kern = load_kernel_module("_paged_attention_triton", interpret=False)
+    q, kc = torch.empty(2, 8, 64), torch.empty(1, 16, 2, 64)
+    for splits in (None, 1, 3, 8):
+        keys = set()
+        for pages in range(1, 257):  # the table grows a page (16 tokens) at a time
+            meta = _launch_meta(q, kc, torch.empty(2, pages, dtype=torch.int32), 64, splits, interp=False)
+            keys.add(tuple(meta[name] for name in kern._paged_decode.keys))
+        assert len(keys) <= 8, f"num_splits={splits}: {len(keys)} autotune keys"
+
+
 def test_kernels_compile_for_gpu():
     """The compiled (GPU) build of both kernels, ahead of time for sm_90, no GPU needed."""
     from kernels._triton_loader import load_kernel_module
