@@ -2,12 +2,15 @@
 
 Runs on CPU in Triton's interpreter (TRITON_INTERPRET=1, set below; the kernels read it at call
 time, so it does not matter whether triton was imported before). test_kernels_compile_for_gpu
-builds the GPU version ahead of time, which needs no GPU either.
+builds the GPU version ahead of time, which needs no GPU either. KERNEL_TEST_DEVICE=cuda runs the
+kernels compiled on a GPU instead (scripts/gpu_check.py does; it skips the CPU-only tests).
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("KERNEL_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -37,7 +40,7 @@ def reference(q, k, v, causal, sm_scale):
     s = torch.matmul(q, k.transpose(-1, -2)) * sm_scale
     if causal:
         n = q.shape[2]
-        visible = torch.ones(n, n, dtype=torch.bool).tril()
+        visible = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None])
@@ -51,7 +54,7 @@ def make_inputs(B, Hq, Hkv, N, Dqk, Dv, dtype=torch.float32, seed=0):
     k = torch.randn(B, Hkv, N, Dqk, generator=g).to(dtype)
     v = torch.randn(B, Hkv, N, Dv, generator=g).to(dtype)
     do = torch.randn(B, Hq, N, Dv, generator=g).to(dtype)
-    return q, k, v, do
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), do.to(DEVICE)
 
 
 def reference_grads(q, k, v, do, causal, sm_scale):
@@ -133,15 +136,15 @@ def test_non_contiguous_inputs():
     """Transposed views of [B, N, H, D] and slices of a packed qkv projection."""
     B, N, Hq, Hkv, D = 2, 33, 4, 2, 32
     g = torch.Generator().manual_seed(4)
-    qkv = torch.randn(B, N, Hq + 2 * Hkv, D, generator=g)
+    qkv = torch.randn(B, N, Hq + 2 * Hkv, D, generator=g).to(DEVICE)
     q, k, v = qkv.split([Hq, Hkv, Hkv], dim=2)  # non-dense views
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    do = torch.randn(B, N, Hq, D, generator=g).transpose(1, 2)
+    do = torch.randn(B, N, Hq, D, generator=g).to(DEVICE).transpose(1, 2)
     assert not any(t.is_contiguous() for t in (q, k, v, do))
     check_against_reference(q, k, v, do, causal=True)
 
     # A [B, N, H, D]-ordered q gives an output whose transpose back is free.
-    qt = torch.randn(B, N, Hq, D, generator=g).transpose(1, 2)
+    qt = torch.randn(B, N, Hq, D, generator=g).to(DEVICE).transpose(1, 2)
     o = flash_attention(qt, k, v)
     assert o.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(o, flash_attention(qt.contiguous(), k.contiguous(), v.contiguous()))

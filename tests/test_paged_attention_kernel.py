@@ -1,9 +1,13 @@
 """Paged decode attention: the Triton kernel (in Triton's CPU interpreter), the C++ CPU kernel and
-the PyTorch gather path, all against a float64 reference that walks the block table token by token."""
+the PyTorch gather path, all against a float64 reference that walks the block table token by token.
+KERNEL_TEST_DEVICE=cuda runs the Triton kernel compiled on a GPU (scripts/gpu_check.py does; it
+skips the CPU-only tests)."""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("KERNEL_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
 
@@ -22,7 +26,7 @@ def reference(q, k_cache, v_cache, block_tables, context_lens, sm_scale, v_dim):
     B, Hq, _ = q.shape
     page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
-    out = torch.zeros(B, Hq, v_dim, dtype=torch.float64)
+    out = torch.zeros(B, Hq, v_dim, dtype=torch.float64, device=q.device)
     for b in range(B):
         keys, values = [], []
         for t in range(int(context_lens[b])):
@@ -61,8 +65,8 @@ def make_case(B, Hq, Hkv, Dqk, Dv, page_size, lens, latent=False, dtype=torch.fl
     q = 2.0 * torch.randn(B, Hq, Dqk, generator=g)
     k_cache = k_cache.to(dtype)
     v_cache = None if v_cache is None else v_cache.to(dtype)
-    return (q.to(dtype), k_cache, v_cache, block_tables.to(table_dtype),
-            torch.tensor(lens, dtype=torch.int32))
+    return tuple(t if t is None else t.to(DEVICE) for t in (
+        q.to(dtype), k_cache, v_cache, block_tables.to(table_dtype), torch.tensor(lens, dtype=torch.int32)))
 
 
 # name: (B, Hq, Hkv, Dqk, Dv, page_size, context lengths, latent)
