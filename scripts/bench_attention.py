@@ -186,7 +186,8 @@ def main(argv=None):
         warmup, reps = (0 if args.warmup is None else args.warmup), (1 if args.reps is None else args.reps)
     else:
         if not torch.cuda.is_available():
-            sys.exit("bench_attention: no CUDA device; use --smoke to run the tiny CPU version")
+            print("error: no CUDA device: use --smoke to run the tiny CPU version", file=sys.stderr)
+            sys.exit(2)
         device = torch.device("cuda")
         shapes = {name: SHAPES[name] for name in args.shapes}
         seq_lens = args.seq_lens or [512, 1024, 2048, 4096, 8192]
