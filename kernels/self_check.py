@@ -64,17 +64,28 @@ def paged_decode_ok(device) -> bool:
 @torch.compiler.disable  # runs eagerly even when the first caller is being compiled
 def _cached(name: str, device: torch.device, check: Callable, kernel: str, fallback: str) -> bool:
     key = (name, str(device))
+    if key in _results:
+        return _results[key]
     with _lock:
         if key not in _results:
-            try:
-                problem = check(device)
-            except Exception as e:  # a compile error, an unsupported GPU, a launch failure ...
-                problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            problem = run_check(check, device)
             if problem:
                 warnings.warn(f"our {kernel} failed its self-check on {device} ({problem}); using {fallback} "
                               "instead. Please report this with the output of scripts/gpu_check.py", stacklevel=3)
             _results[key] = problem is None
         return _results[key]
+
+
+def run_check(check: Callable, device: torch.device) -> Optional[str]:
+    """`check(device)` as its caller's context would not disturb it: the first use may come under
+    torch.no_grad / inference_mode (evaluation, generation) or autocast (training), none of which
+    may change the check (it needs gradients and an fp32 reference). Exceptions become the problem."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            return check(device)
+    except Exception as e:  # a compile error, an unsupported GPU, a launch failure ...
+        message = str(e).strip()
+        return f"{type(e).__name__}: {message.splitlines()[0] if message else 'no message'}"
 
 
 def _check_dtype(device: torch.device) -> torch.dtype:

@@ -109,16 +109,13 @@ def kernel_tests(device: torch.device, workdir: Path) -> tuple[bool, str]:
 
 
 def self_check(device: torch.device, workdir: Path) -> tuple[bool, str]:
-    from kernels.self_check import check_flash_attention, check_paged_decode
+    from kernels.self_check import check_flash_attention, check_paged_decode, run_check
 
     rows, passed = ["| kernel | compared with | result |", "|---|---|---|"], True
     for name, reference, check in (("flash attention, forward + backward", "SDPA", check_flash_attention),
                                    ("paged decode, 1 split and split-K", "PyTorch gather path",
                                     check_paged_decode)):
-        try:
-            problem = check(device)
-        except Exception as e:  # a compile or launch failure is a result too
-            problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        problem = run_check(check, device)  # a compile or launch failure is a result too
         passed &= problem is None
         rows.append(f"| {name} | {reference} | {'ok' if problem is None else 'FAILED: ' + problem} |")
     return passed, "\n".join(rows)

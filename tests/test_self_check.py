@@ -82,6 +82,16 @@ def test_failure_warns_one_line_once_and_is_cached(which, monkeypatch):
     assert ("SDPA" if which == "flash" else "gather path") in message
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
+def test_callers_context_does_not_change_the_check(context):
+    """The first use may come while evaluating (no_grad), generating (inference_mode) or training
+    under autocast; the check still runs its backward and its fp32 reference, so it passes."""
+    mode = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+            "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[context]()
+    with mode:
+        assert self_check.flash_attention_ok("cpu")
+
+
 def test_passing_check_is_cached(monkeypatch):
     calls = []
     monkeypatch.setattr(self_check, "check_paged_decode", lambda device: calls.append(device))
