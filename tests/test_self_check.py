@@ -99,6 +99,16 @@ def test_passing_check_is_cached(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.filterwarnings("ignore:User provided device_type of 'cuda'")  # autocast off, no GPU here
+def test_cuda_and_its_index_are_one_device(monkeypatch):
+    """"cuda" is the current GPU: checking it and "cuda:0" must not run (and warn) twice."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(self_check, "check_paged_decode", lambda device: calls.append(str(device)))
+    assert self_check.paged_decode_ok("cuda") and self_check.paged_decode_ok("cuda:0")
+    assert calls == ["cuda:0"]
+
+
 # ------------------------------------------------------------------------------------------
 # The training side: model/attention.py's backend choice
 # ------------------------------------------------------------------------------------------
