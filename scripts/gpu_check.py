@@ -172,8 +172,10 @@ def main(argv=None) -> int:
         print("error: no CUDA device: scripts/gpu_check.py checks our kernels on a GPU "
               "(use --smoke to check the script itself on CPU)", file=sys.stderr)
         return 2
-    if not args.out.parent.resolve().is_dir():
-        print(f"error: cannot write the report to {args.out}: folder {args.out.parent} does not exist", file=sys.stderr)
+    folder = args.out.parent.resolve()
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        print(f"error: cannot write the report to {args.out}: {folder} is not a writable folder (choose --out)",
+              file=sys.stderr)
         return 2
     try:
         import triton  # noqa: F401
