@@ -1,17 +1,11 @@
 """Training through our Triton flash-attention kernel (in Triton's interpreter on CPU) gives the same
 losses as training through PyTorch's SDPA: the kernel is wired into every attention variant."""
 
-import json
-
 import pytest
 
 import train
 from conftest import compose_config, tiny_overrides
-
-
-def losses(out_dir):
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train_loss"] for r in rows if "train_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+from scripts.gpu_check import losses
 
 
 @pytest.mark.parametrize("attention", ["mha", "gqa", "mqa", "mla"])
