@@ -160,3 +160,14 @@ def test_auto_on_cpu_is_sdpa_without_a_check(monkeypatch):
     assert attention.resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert self_check._results == {}
 
+
+
+def test_first_use_inside_torch_compile_is_one_graph(monkeypatch):
+    """train.compile=true: the first forward is traced by torch.compile, so the check runs while
+    tracing. It must neither break the graph (fullgraph) nor be skipped."""
+    monkeypatch.setattr(attention, "AUTO_TRITON_DEVICES", ("cpu",))
+    model = tiny_model("gqa")
+    x = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)[0]
+    assert self_check._results == {("flash_attention", "cpu"): True}
+    torch.testing.assert_close(compiled, logits("sdpa", x), atol=1e-4, rtol=1e-4)
