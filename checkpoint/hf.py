@@ -66,7 +66,7 @@ def _interleave(rope: int) -> torch.Tensor:
     return torch.arange(rope).view(2, rope // 2).t().flatten()
 
 
-def _permute_rope_rows(w: torch.Tensor, period: int, start: int, rope: int, to_hf: bool) -> torch.Tensor:
+def permute_rope_rows(w: torch.Tensor, period: int, start: int, rope: int, to_hf: bool) -> torch.Tensor:
     """Reorder the `rope` rows starting at `start` inside every group of `period` rows."""
     order = _interleave(rope) if to_hf else torch.argsort(_interleave(rope))
     w = w.view(-1, period, w.shape[-1]).clone()
@@ -103,10 +103,10 @@ def to_hf(cfg: ModelConfig, sd: dict) -> dict:
         out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate, up
         if cfg.attention == "mla":
             wq = "attn.wq.2.weight" if cfg.q_lora_rank else "attn.wq.weight"
-            q = _permute_rope_rows(sd[ours + wq], qk, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, to_hf=True)
+            q = permute_rope_rows(sd[ours + wq], qk, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, to_hf=True)
             out[hf + ("self_attn.q_b_proj.weight" if cfg.q_lora_rank else "self_attn.q_proj.weight")] = q
             rows = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-            out[hf + "self_attn.kv_a_proj_with_mqa.weight"] = _permute_rope_rows(
+            out[hf + "self_attn.kv_a_proj_with_mqa.weight"] = permute_rope_rows(
                 sd[ours + "attn.wkv_a.weight"], rows, cfg.kv_lora_rank, cfg.qk_rope_head_dim, to_hf=True)
         else:
             q, k, v = sd[ours + "attn.wqkv.weight"].split(
@@ -141,7 +141,7 @@ def from_hf(cfg: ModelConfig, hf: dict, where: str, rope_interleave: bool = True
         sd[ours + "ffn.w13.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
         if cfg.attention == "mla":
             def unperm(w, period, start):
-                return _permute_rope_rows(w, period, start, cfg.qk_rope_head_dim, to_hf=False) if rope_interleave else w
+                return permute_rope_rows(w, period, start, cfg.qk_rope_head_dim, to_hf=False) if rope_interleave else w
 
             q = take(p + ("self_attn.q_b_proj.weight" if cfg.q_lora_rank else "self_attn.q_proj.weight"))
             sd[ours + ("attn.wq.2.weight" if cfg.q_lora_rank else "attn.wq.weight")] = unperm(q, qk, cfg.qk_nope_head_dim)

@@ -20,7 +20,7 @@ class Pretrained:
     config: ModelConfig
     state_dict: dict  # our parameter names, full tensors
     tokenizer_path: Path
-    eos_id: Optional[int] = None  # from a HF folder's generation config; None: the tokenizer's <|endoftext|>
+    eos_id: Optional[int]  # end of text: a HF folder's generation config, else the tokenizer's <|endoftext|>
     run_config: Optional[dict] = None  # our checkpoints: the resolved run config (data, train, ...)
 
 
@@ -31,16 +31,22 @@ def load_pretrained(path, tokenizer=None) -> Pretrained:
     tokenizer: a tokenizer.json to use instead of the one beside the weights (e.g. a HF folder without one)."""
     if is_hf_folder(path):
         cfg, state, tok, eos = read_hf_folder(path, tokenizer)
-        return Pretrained(Path(path).expanduser().resolve(), cfg, state, tok, eos)
+        d = Path(path).expanduser().resolve()
+        return Pretrained(d, cfg, state, tok, _read_tokenizer(tok, d).token_to_id(EOT) if eos is None else eos)
     c = load_checkpoint(path)
     try:
         cfg = ModelConfig(**c.config["model"])
     except Exception as e:  # missing section, unknown keys, invalid values
         raise CheckpointError(f"checkpoint '{c.dir}' has an unusable model config ({e})") from None
     tok = c.tokenizer_path if tokenizer is None else Path(tokenizer).expanduser()
-    if not tok.is_file():
-        raise CheckpointError(f"tokenizer '{tok}' does not exist: name a tokenizer.json file")
-    return Pretrained(c.dir, cfg, c.model_state, tok, run_config=c.config)
+    return Pretrained(c.dir, cfg, c.model_state, tok, _read_tokenizer(tok, c.dir).token_to_id(EOT), c.config)
+
+
+def _read_tokenizer(path: Path, where: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{where}': tokenizer {path} is missing or unreadable ({e})") from None
 
 
 def load_model(path, device: torch.device, dtype: torch.dtype, tokenizer=None):
@@ -53,9 +59,4 @@ def load_model(path, device: torch.device, dtype: torch.dtype, tokenizer=None):
         first = str(e).strip().splitlines()
         raise CheckpointError(f"checkpoint '{p.dir}' does not match its config "
                               f"({' '.join(first[:2])[:200]})") from None
-    try:
-        tok = Tokenizer.from_file(str(p.tokenizer_path))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint '{p.dir}' has an unreadable tokenizer {p.tokenizer_path} ({e})") from None
-    eos = tok.token_to_id(EOT) if p.eos_id is None else p.eos_id
-    return model.to(device=device, dtype=dtype).eval(), tok, eos
+    return model.to(device=device, dtype=dtype).eval(), _read_tokenizer(p.tokenizer_path, p.dir), p.eos_id
