@@ -308,7 +308,7 @@ def write_hf_folder(out: Path, cfg: ModelConfig, state_dict: dict, tokenizer_pat
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2) + "\n")
-    gen = {"bos_token_id": eos_id, "eos_token_id": eos_id, "max_length": cfg.max_seq_len}
+    gen = {"bos_token_id": eos_id, "eos_token_id": eos_id}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shutil.copyfile(tokenizer_path, out / "tokenizer.json")
     eos = _token_name(tokenizer_path, eos_id)
