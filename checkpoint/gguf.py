@@ -137,3 +137,26 @@ def write_gguf(path: Path, cfg: ModelConfig, state_dict: dict, tokenizer_path: P
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def load_in_llama_cpp(path, n_ctx: int, logits_all: bool = False, n_threads: Optional[int] = None):
+    """Open a GGUF with llama-cpp-python (a test and benchmark dependency) without llama.cpp's extra CPU
+    buffer types (weight repacking, AMX), whose AMX path crashes on q8_0 batches of more than one token
+    on some CPUs. Llama() silently ignores a `use_extra_bufts` keyword, so the model parameters it starts
+    from are patched for the duration of the load."""
+    import llama_cpp
+    from llama_cpp import llama_cpp as lib  # the module whose default parameters Llama() starts from
+
+    default = lib.llama_model_default_params
+
+    def no_extra_bufts():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = no_extra_bufts
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, n_threads=n_threads,
+                               verbose=False)
+    finally:
+        lib.llama_model_default_params = default
