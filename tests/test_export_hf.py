@@ -141,3 +141,53 @@ def test_mla_with_another_latent_eps_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "latent_norm_eps=1e-06" in err
     assert not (tmp_path / "hf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.fixture
+def one_run(tmp_path):
+    return write_checkpoint(tmp_path / "run", "gqa")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "onnx"], "invalid choice: 'onnx'"),
+    (["--format", "gguf", "--outtype", "q4_k"], "invalid choice: 'q4_k'"),
+    (["--format", "hf", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--format", "hf", "--ckpt", "/nonexistent/run"], "no checkpoint at '/nonexistent/run'"),
+    (["--format", "hf", "--out", "/nonexistent/dir/out"], "the folder /nonexistent/dir does not exist"),
+])
+def test_bad_arguments_give_one_line(one_run, tmp_path, capsys, args, message):
+    argv = ["--ckpt", str(one_run), "--out", str(tmp_path / "out")] + args  # later flags win
+    assert export_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_checkpoint_gives_one_line(one_run, tmp_path, capsys):
+    (one_run / "checkpoints" / "latest" / "model.safetensors").write_bytes(b"\0" * 64)
+    assert export_main(["--ckpt", str(one_run), "--format", "hf", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "corrupt" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("fmt, name", [("hf", "out"), ("gguf", "out.gguf")])
+def test_existing_output_is_kept_unless_force(one_run, tmp_path, capsys, fmt, name):
+    out = tmp_path / name
+    if fmt == "hf":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+    else:
+        out.write_text("keep me")
+    assert export_main(["--ckpt", str(one_run), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--force" in err and err.count("\n") == 1
+    assert (out / "mine.txt" if fmt == "hf" else out).read_text() == "keep me"
+    assert export_main(["--ckpt", str(one_run), "--format", fmt, "--out", str(out), "--force"]) == 0
+    assert (out / "config.json").is_file() if fmt == "hf" else out.read_bytes()[:4] == b"GGUF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", name])  # no temporary left
+
+
+def test_empty_existing_folder_is_filled(one_run, tmp_path):
+    (tmp_path / "out").mkdir()
+    assert export_main(["--ckpt", str(one_run), "--format", "hf", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
