@@ -191,3 +191,16 @@ def test_empty_existing_folder_is_filled(one_run, tmp_path):
     (tmp_path / "out").mkdir()
     assert export_main(["--ckpt", str(one_run), "--format", "hf", "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_model_card_has_config_data_and_final_validation(tmp_path):
+    run = write_checkpoint(tmp_path / "run", "gqa")
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "train_loss": 5.0}\n{"step": 1, "val_loss": 4.25, "val_bpb": 1.5}\n')
+    cfg_file = run / "checkpoints" / "latest" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["data"] = {"source": "text", "path": "notes/"}
+    cfg_file.write_text(json.dumps(cfg))
+    assert export_main(["--ckpt", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "loss 4.2500, bits per byte 1.5000" in card and '"path": "notes/"' in card and '"n_kv_heads": 2' in card
