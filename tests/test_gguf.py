@@ -16,6 +16,7 @@ from export import main as export_main
 
 # attention and ModelConfig overrides; MLA keeps its latent eps equal to norm_eps (llama.cpp has one eps).
 VARIANTS = {"mha": ("mha", {}), "gqa": ("gqa", {}), "mqa": ("mqa", {}), "mla": ("mla", {}),
+            "mla_qlora": ("mla", {"q_lora_rank": 24}),
             "gqa_tied_llama3": ("gqa", {"tie_embeddings": True, "rope_theta": 500000.0, "rope_scaling_factor": 8.0,
                                         "rope_original_max_seq_len": 64})}
 MIXED = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n\n"
