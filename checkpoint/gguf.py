@@ -139,11 +139,13 @@ def write_gguf(path: Path, cfg: ModelConfig, state_dict: dict, tokenizer_path: P
     w.close()
 
 
-def load_in_llama_cpp(path, n_ctx: int, logits_all: bool = False, n_threads: Optional[int] = None):
+def load_in_llama_cpp(path, n_ctx: int, logits_all: bool = False, n_threads: Optional[int] = None,
+                      f32_kv: bool = False):
     """Open a GGUF with llama-cpp-python (a test and benchmark dependency) without llama.cpp's extra CPU
     buffer types (weight repacking, AMX), whose AMX path crashes on q8_0 batches of more than one token
     on some CPUs. Llama() silently ignores a `use_extra_bufts` keyword, so the model parameters it starts
-    from are patched for the duration of the load."""
+    from are patched for the duration of the load. f32_kv: keep the KV cache in f32 (llama.cpp's default
+    is f16, which moves fp32 logits by about 1e-4)."""
     import llama_cpp
     from llama_cpp import llama_cpp as lib  # the module whose default parameters Llama() starts from
 
@@ -156,7 +158,8 @@ def load_in_llama_cpp(path, n_ctx: int, logits_all: bool = False, n_threads: Opt
 
     lib.llama_model_default_params = no_extra_bufts
     try:
+        kv = dict(type_k=lib.GGML_TYPE_F32, type_v=lib.GGML_TYPE_F32) if f32_kv else {}
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, n_threads=n_threads,
-                               verbose=False)
+                               verbose=False, **kv)
     finally:
         lib.llama_model_default_params = default

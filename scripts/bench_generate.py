@@ -119,6 +119,8 @@ def llama_cpp_vs_ours(llm: LLM, att: str, args) -> dict:
             best["ours"] = max(best["ours"], run_batch(llm, 1, args.prompt_len, args.new_tokens, seed=r)["decode_tok_s"])
             for outtype, model in models.items():
                 best[outtype] = max(best[outtype], llama_cpp_decode(model, prompt, args.new_tokens))
+        for model in models.values():
+            model.close()
     row["decode_tok_s"] = best.pop("ours")
     for outtype, tps in best.items():
         row[f"llama_cpp_{outtype}_decode_tok_s"] = round(tps, 1)

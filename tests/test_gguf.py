@@ -52,7 +52,7 @@ def llama_cpp_greedy(llama, prompt: list[int], n: int) -> tuple[list[int], np.nd
 
 def test_f32_greedy_and_logits_equal_ours(run):
     llm = LLM(run, device="cpu", dtype=torch.float32)
-    llama = load_in_llama_cpp(export_gguf(run, "f32"), n_ctx=128, logits_all=True)
+    llama = load_in_llama_cpp(export_gguf(run, "f32"), n_ctx=128, logits_all=True, f32_kv=True)
     assert llama.n_vocab() == llm.cfg.vocab_size
     prompts = [llm.tokenizer.encode(p).ids for p in PROMPTS]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True))
@@ -94,3 +94,24 @@ def test_mla_with_another_latent_eps_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: llama.cpp normalises MLA latents") and err.count("\n") == 1
     assert not (tmp_path / "m.gguf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_tokenizer_with_many_merges_equals_ours(tmp_path):
+    """A tokenizer rich enough that the pre-tokenizer matters (numbers, punctuation runs, contractions,
+    whitespace): llama.cpp must split text with GPT-2's regex, as ours does, to give the same ids."""
+    from builders import tiny_model
+    from checkpoint.gguf import write_gguf
+    from data.tokenizer import train_tokenizer, vocab_size_of
+
+    texts = ["Shall I compare thee to a summer's day? Thou art more lovely, and more temperate!!",
+             "In 1609, 154 sonnets... cost 12345 pence; 3.14159 -- 'tis true: #1, (quoth he) [sic] {x} <tag> "
+             "a+b=c ^_^ ~ok | 100%",
+             "naïve café — 東京 🚀 \t tabs\tand   runs of    spaces\r\n\n\n  indented\n",
+             "don't won't I'll we've they're she'd it's DON'T SHOUTING?! ... --- ___"]
+    tok = train_tokenizer(texts * 30, 700)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model = tiny_model("gqa", vocab_size=vocab_size_of(tok))
+    write_gguf(tmp_path / "m.gguf", model.cfg, model.state_dict(), tmp_path / "tokenizer.json", 0)
+    llama = load_in_llama_cpp(tmp_path / "m.gguf", n_ctx=64)
+    for text in texts + [" ".join(texts), MIXED]:
+        assert llama.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text).ids
