@@ -62,7 +62,7 @@ def test_f32_greedy_and_logits_equal_ours(run):
         assert llm.cfg.tie_embeddings or len(set(theirs)) > 3  # tied random models tend to echo a token
         with torch.no_grad():
             ours = llm.model(torch.tensor([prompt]))[0][0].numpy()
-        assert np.abs(ours - logits).max() < 1e-4  # llama.cpp sums in another order than torch
+        assert np.abs(ours - logits).max() < 1e-5  # f32 weights and (here) an f32 KV cache
 
 
 def test_tokenization_equals_ours(run):
@@ -73,7 +73,7 @@ def test_tokenization_equals_ours(run):
     assert llama.detokenize(ids, special=True).decode() == MIXED
 
 
-@pytest.mark.parametrize("outtype, tol", [("f16", 0.02), ("q8_0", 0.1)])
+@pytest.mark.parametrize("outtype, tol", [("f16", 0.005), ("q8_0", 0.05)])
 def test_f16_and_q8_0_load_and_generate(run, outtype, tol):
     f32, smaller = export_gguf(run, "f32"), export_gguf(run, outtype)
     assert smaller.stat().st_size < 0.6 * f32.stat().st_size
