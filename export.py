@@ -42,29 +42,30 @@ class _Parser(argparse.ArgumentParser):
         raise ExportError(f"{message} (see --help)")
 
 
-def model_card(p) -> str:
-    """A short README.md: what the model is, how it was trained, how well, how to load it."""
-    cfg, run = p.config, p.run_config or {}
+def model_card(p, name: str) -> str:
+    """A short README.md: what the model is, how it was trained (config, data), how well, how to load it."""
+    cfg, run = p.config, p.run_config
     arch = "DeepseekV3ForCausalLM (MLA, dense)" if cfg.attention == "mla" else f"LlamaForCausalLM ({cfg.attention})"
-    lines = ["---", "library_name: transformers", "tags: [small-llm]", "---", "",
-             f"# {p.dir.parent.parent.name if p.dir.parent.name == 'checkpoints' else p.dir.name}", "",
-             f"A {cfg.n_layers}-layer, {cfg.dim}-wide {arch} trained with small-llm and exported by `export.py`.", ""]
-    metrics = p.dir.parent.parent / "metrics.jsonl"
-    if metrics.is_file():
-        evals = [r for r in (json.loads(x) for x in metrics.read_text().splitlines() if x.strip().startswith("{"))
-                 if "val_loss" in r]
-        if evals:
+    origin = "trained with small-llm" if run is not None else f"converted by small-llm from {p.dir.name}"
+    lines = ["---", "library_name: transformers", "tags: [small-llm]", "---", "", f"# {name}", "",
+             f"A {cfg.n_layers}-layer, {cfg.dim}-wide {arch}, {origin} and exported by `export.py`.", ""]
+    metrics = p.dir.parent.parent / "metrics.jsonl"  # <run>/checkpoints/step_N -> <run>/metrics.jsonl
+    if run is not None and metrics.is_file():
+        step = int(p.dir.name.removeprefix("step_")) if p.dir.name.startswith("step_") else float("inf")
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip().startswith("{")]
+        evals = [r for r in rows if "val_loss" in r and r.get("step", 0) <= step]
+        if evals:  # the last evaluation up to this checkpoint's step
             r = evals[-1]
             lines += [f"Final validation (step {r['step']}): loss {r['val_loss']:.4f}, "
                       f"bits per byte {r.get('val_bpb', float('nan')):.4f}.", ""]
-    if run.get("data"):
+    if run and run.get("data"):
         lines += ["## Data", "", "```json", json.dumps(run["data"], indent=2), "```", ""]
-    if run.get("train") or run.get("model"):
+    if run:
         lines += ["## Training config", "", "```json",
                   json.dumps({k: run[k] for k in ("model", "train") if k in run}, indent=2), "```", ""]
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              'model = AutoModelForCausalLM.from_pretrained("PATH")',
-              'tok = AutoTokenizer.from_pretrained("PATH")', "```", ""]
+              f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+              f'tok = AutoTokenizer.from_pretrained("{name}")', "```", ""]
     return "\n".join(lines)
 
 
@@ -81,7 +82,7 @@ def export(args) -> Path:
         if args.format == "hf":
             built = tmp / "model"
             write_hf_folder(built, p.config, p.state_dict, p.tokenizer_path, p.eos_id, DTYPES[args.dtype],
-                            card=model_card(p))
+                            card=model_card(p, out.name))
         else:
             built = tmp / "model.gguf"
             write_gguf(built, p.config, p.state_dict, p.tokenizer_path, p.eos_id, args.outtype, name=out.stem)

@@ -196,7 +196,8 @@ def test_empty_existing_folder_is_filled(one_run, tmp_path):
 def test_model_card_has_config_data_and_final_validation(tmp_path):
     run = write_checkpoint(tmp_path / "run", "gqa")
     (run / "metrics.jsonl").write_text(
-        '{"step": 1, "train_loss": 5.0}\n{"step": 1, "val_loss": 4.25, "val_bpb": 1.5}\n')
+        '{"step": 1, "train_loss": 5.0}\n{"step": 1, "val_loss": 4.25, "val_bpb": 1.5}\n'
+        '{"step": 2, "val_loss": 3.0, "val_bpb": 1.0}\n')  # after the checkpoint (step 1): not its figure
     cfg_file = run / "checkpoints" / "latest" / "config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["data"] = {"source": "text", "path": "notes/"}
