@@ -25,7 +25,7 @@ x3), ... (`rope_interleave`, what vLLM and llama.cpp also expect), so those rows
 The latent norms. transformers' DeepSeek code builds kv_a_layernorm/q_a_layernorm with eps 1e-6
 whatever rms_norm_eps says; our MLA uses model.latent_norm_eps (None = norm_eps). An MLA model whose
 latent eps is not 1e-6 is refused rather than exported slightly wrong (1e-5 vs 1e-6 moves the logits by
-about 1e-4); new MLA runs use 1e-6 (conf/attention/mla.yaml). Import sets latent_norm_eps = 1e-6.
+4e-5 to 1.6e-4); new MLA runs use 1e-6 (conf/attention/mla.yaml). Import sets latent_norm_eps = 1e-6.
 """
 
 import json
