@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from model import ModelConfig
 
@@ -311,16 +312,10 @@ def write_hf_folder(out: Path, cfg: ModelConfig, state_dict: dict, tokenizer_pat
     gen = {"bos_token_id": eos_id, "eos_token_id": eos_id}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shutil.copyfile(tokenizer_path, out / "tokenizer.json")
-    eos = _token_name(tokenizer_path, eos_id)
+    eos = None if eos_id is None else Tokenizer.from_file(str(tokenizer_path)).id_to_token(eos_id)
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
                "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
                "bos_token": eos, "eos_token": eos, "unk_token": None, "pad_token": eos}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     if card:
         (out / "README.md").write_text(card)
-
-
-def _token_name(tokenizer_path: Path, token_id: Optional[int]) -> Optional[str]:
-    from tokenizers import Tokenizer
-
-    return None if token_id is None else Tokenizer.from_file(str(tokenizer_path)).id_to_token(token_id)
