@@ -70,7 +70,7 @@ def _interleave(rope: int) -> torch.Tensor:
 def permute_rope_rows(w: torch.Tensor, period: int, start: int, rope: int, to_hf: bool) -> torch.Tensor:
     """Reorder the `rope` rows starting at `start` inside every group of `period` rows."""
     order = _interleave(rope) if to_hf else torch.argsort(_interleave(rope))
-    w = w.view(-1, period, w.shape[-1]).clone()
+    w = w.reshape(-1, period, w.shape[-1]).clone()  # a copy: the input may be a strided view
     w[:, start:start + rope] = w[:, start:start + rope][:, order]
     return w.view(-1, w.shape[-1])
 
