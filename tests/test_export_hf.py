@@ -73,19 +73,23 @@ def test_logits_match_transformers(exported):
         assert (ours - theirs).abs().max().item() < 1e-5
 
 
-def test_greedy_engine_equals_transformers_generate(exported):
-    run, hf = exported
-    model = hf_model(hf)
-    llm = LLM(run, device="cpu", dtype=torch.float32)
-    prompts = [llm.tokenizer.encode(t).ids for t in ("ROMEO: But soft", "To be, or not", "The quick brown fox")]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True))
-    gc = transformers.GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+def assert_greedy_equal(llm: LLM, model, prompts: list[list[int]], n: int = 32) -> None:
+    """n greedy tokens from our paged engine == transformers' generate, EOS ignored by both."""
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+    gc = transformers.GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     for prompt, out in zip(prompts, outs):
         ids = torch.tensor([prompt])
         theirs = model.generate(ids, generation_config=gc, attention_mask=torch.ones_like(ids))[0, len(prompt):]
         assert out.token_ids == theirs.tolist()
         # Untied random models give varied text (a meaningful comparison); tied ones tend to echo a token.
         assert llm.cfg.tie_embeddings or len(set(out.token_ids)) > 3
+
+
+def test_greedy_engine_equals_transformers_generate(exported):
+    run, hf = exported
+    llm = LLM(run, device="cpu", dtype=torch.float32)
+    prompts = [llm.tokenizer.encode(t).ids for t in ("ROMEO: But soft", "To be, or not", "The quick brown fox")]
+    assert_greedy_equal(llm, hf_model(hf), prompts)
 
 
 def test_auto_tokenizer_matches_ours(exported):
