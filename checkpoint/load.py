@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tokenizers import Tokenizer
@@ -9,30 +10,48 @@ from tokenizers import Tokenizer
 from data.config import EOT
 from model import ModelConfig, Transformer
 
+from .hf import is_hf_folder, read_hf_folder
 from .store import CheckpointError, load_checkpoint
 
 
 @dataclass
 class Pretrained:
-    dir: Path  # the checkpoint folder the weights came from
+    dir: Path  # the checkpoint (or Hugging Face) folder the weights came from
     config: ModelConfig
     state_dict: dict  # our parameter names, full tensors
     tokenizer_path: Path
+    eos_id: Optional[int]  # end of text: a HF folder's generation config, else the tokenizer's <|endoftext|>
+    run_config: Optional[dict] = None  # our checkpoints: the resolved run config (data, train, ...)
 
 
-def load_pretrained(path) -> Pretrained:
-    """Model config, weights and tokenizer from a run, checkpoints/ or checkpoint folder; CheckpointError on any problem."""
+def load_pretrained(path, tokenizer=None) -> Pretrained:
+    """Model config, weights and tokenizer from a run, checkpoints/ or checkpoint folder, or a Hugging Face
+    folder (LlamaForCausalLM, DeepseekV3ForCausalLM with dense layers); CheckpointError on any problem.
+
+    tokenizer: a tokenizer.json to use instead of the one beside the weights (e.g. a HF folder without one)."""
+    if is_hf_folder(path):
+        cfg, state, tok, eos = read_hf_folder(path, tokenizer)
+        d = Path(path).expanduser().resolve()
+        return Pretrained(d, cfg, state, tok, _read_tokenizer(tok, d).token_to_id(EOT) if eos is None else eos)
     c = load_checkpoint(path)
     try:
         cfg = ModelConfig(**c.config["model"])
     except Exception as e:  # missing section, unknown keys, invalid values
         raise CheckpointError(f"checkpoint '{c.dir}' has an unusable model config ({e})") from None
-    return Pretrained(c.dir, cfg, c.model_state, c.tokenizer_path)
+    tok = c.tokenizer_path if tokenizer is None else Path(tokenizer).expanduser()
+    return Pretrained(c.dir, cfg, c.model_state, tok, _read_tokenizer(tok, c.dir).token_to_id(EOT), c.config)
 
 
-def load_model(path, device: torch.device, dtype: torch.dtype):
+def _read_tokenizer(path: Path, where: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{where}': tokenizer {path} is missing or unreadable ({e})") from None
+
+
+def load_model(path, device: torch.device, dtype: torch.dtype, tokenizer=None):
     """(model in eval mode, tokenizer, end-of-text id) from any path load_pretrained accepts."""
-    p = load_pretrained(path)
+    p = load_pretrained(path, tokenizer)
     model = Transformer(p.config)
     try:
         model.load_state_dict(p.state_dict, strict=True)
@@ -40,8 +59,4 @@ def load_model(path, device: torch.device, dtype: torch.dtype):
         first = str(e).strip().splitlines()
         raise CheckpointError(f"checkpoint '{p.dir}' does not match its config "
                               f"({' '.join(first[:2])[:200]})") from None
-    try:
-        tok = Tokenizer.from_file(str(p.tokenizer_path))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint '{p.dir}' has an unreadable tokenizer.json ({e})") from None
-    return model.to(device=device, dtype=dtype).eval(), tok, tok.token_to_id(EOT)
+    return model.to(device=device, dtype=dtype).eval(), _read_tokenizer(p.tokenizer_path, p.dir), p.eos_id

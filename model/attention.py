@@ -120,12 +120,12 @@ class MultiHeadLatentAttention(nn.Module):
         q_out = cfg.n_heads * (self.nope + self.rope)
         if cfg.q_lora_rank:
             self.wq = nn.Sequential(nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False),
-                                    nn.RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps),
+                                    nn.RMSNorm(cfg.q_lora_rank, eps=cfg.mla_norm_eps),
                                     nn.Linear(cfg.q_lora_rank, q_out, bias=False))
         else:
             self.wq = nn.Linear(cfg.dim, q_out, bias=False)
         self.wkv_a = nn.Linear(cfg.dim, self.rank + self.rope, bias=False)
-        self.kv_norm = nn.RMSNorm(self.rank, eps=cfg.norm_eps)
+        self.kv_norm = nn.RMSNorm(self.rank, eps=cfg.mla_norm_eps)
         self.wkv_b = nn.Linear(self.rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
         self.scale = (self.nope + self.rope) ** -0.5

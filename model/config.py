@@ -39,6 +39,12 @@ class ModelConfig:
     ffn_dim: int = 688  # SwiGLU hidden width (about 8/3 * dim, rounded)
     max_seq_len: int = 256  # longest context RoPE tables are built for
     rope_theta: float = 10000.0
+    # Llama 3 RoPE scaling (HF rope_scaling type "llama3"): low frequencies slowed by this factor,
+    # high ones kept, a smooth ramp between (see rope.py). 1.0 = off. Set by importing a Llama 3 model.
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # share the token embedding with the LM head
     attention: str = "gqa"  # mha | gqa | mqa | mla
@@ -48,6 +54,9 @@ class ModelConfig:
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
+    # eps of MLA's latent RMSNorms (c_kv, and c_q with q_lora_rank); None = norm_eps. transformers'
+    # DeepSeek classes fix it at 1e-6 whatever rms_norm_eps says, so only 1e-6 exports exactly to them.
+    latent_norm_eps: Optional[float] = None
 
     def __post_init__(self):
         self.validate()
@@ -68,6 +77,10 @@ class ModelConfig:
         need(self.dim % self.n_heads == 0,
              f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         need(self.norm_eps > 0 and self.rope_theta > 0, "model.norm_eps and model.rope_theta must be positive")
+        need(self.latent_norm_eps is None or self.latent_norm_eps > 0, "model.latent_norm_eps must be positive")
+        need(self.rope_scaling_factor >= 1 and self.rope_high_freq_factor > self.rope_low_freq_factor > 0
+             and self.rope_original_max_seq_len > 0,
+             "model.rope_scaling_factor must be >= 1 and 0 < rope_low_freq_factor < rope_high_freq_factor")
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 need(getattr(self, name) > 0, f"model.{name} must be positive for attention=mla")
@@ -89,6 +102,11 @@ class ModelConfig:
     def rope_dim(self) -> int:
         """Width of the rotated part of each query/key head."""
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def mla_norm_eps(self) -> float:
+        """eps of the MLA latent norms."""
+        return self.norm_eps if self.latent_norm_eps is None else self.latent_norm_eps
 
     def kv_cache_values_per_token_per_layer(self) -> int:
         if self.attention == "mla":

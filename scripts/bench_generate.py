@@ -2,14 +2,17 @@
 
     python scripts/bench_generate.py                           # GQA, batch 1/16/64, CPU, eager
     python scripts/bench_generate.py --compile --hf            # compiled decode step; HF measured alongside
+    python scripts/bench_generate.py --llama-cpp                 # llama.cpp on the same weights (GGUF f32, q8_0)
     python scripts/bench_generate.py --attention mha mqa mla     # other variants
     python scripts/bench_generate.py --no-paged-kernel           # decode through the PyTorch gather path
     python scripts/bench_generate.py --json
 
 Model: d=256, 6 layers, 8 heads (2 kv heads for GQA), SwiGLU 688, vocab 8192, fp32, random weights.
-Workload: 32-token random prompts, 128 new tokens each, EOS ignored. Reference (Hugging Face
-transformers' generate on this shape and CPU): 84 new tokens/s at batch 1, 755 at batch 16; --hf
-measures it again next to ours (the machine is shared, so figures taken at different times differ).
+Workload: 32-token random prompts, 128 new tokens each, EOS ignored. Every comparison is measured in
+the same run, next to ours (the machine is shared, so figures taken at different times differ):
+--hf runs Hugging Face transformers' generate on the same shape; --llama-cpp exports the same weights
+to GGUF (f32 and q8_0, checkpoint/gguf.py) and times llama.cpp's decode at batch 1, alternating with
+ours repeat by repeat.
 
 decode tok/s  = tokens produced by decode steps / time in decode steps (scheduling and sampling included)
 e2e tok/s     = all new tokens / wall time of generate() (prefill included)
@@ -33,9 +36,6 @@ import torch  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-
-HF_REFERENCE = {1: 84.0, 16: 755.0}
-
 
 def bench_model(attention: str, max_seq_len: int = 256) -> Transformer:
     kv = {"mha": 8, "gqa": 2, "mqa": 1, "mla": 8}[attention]
@@ -82,6 +82,52 @@ def hf_baseline(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> d
     return {"batch": batch, "hf_e2e_tok_s": round(best, 1)}
 
 
+def llama_cpp_decode(llama, prompt: list[int], new_tokens: int) -> float:
+    """llama.cpp's greedy decode tokens/s after the prompt: the time from the first new token to the last."""
+    stamps = []
+    for _ in llama.generate(prompt, temp=0.0, top_k=1, reset=True):
+        stamps.append(time.perf_counter())
+        if len(stamps) == new_tokens:
+            break
+    return (new_tokens - 1) / (stamps[-1] - stamps[0])
+
+
+def llama_cpp_vs_ours(llm: LLM, att: str, args) -> dict:
+    """Batch-1 decode tokens/s of llama.cpp (GGUF f32 and q8_0 of the same weights) and ours, alternating."""
+    import tempfile
+
+    from checkpoint import CheckpointError
+    from checkpoint.gguf import load_in_llama_cpp, write_gguf
+    from data.tokenizer import train_tokenizer
+
+    row = {"attention": att, "batch": 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Path(tmp) / "tokenizer.json"  # GGUF carries a tokenizer; prompts here are ids, so any will do
+        train_tokenizer(["small-llm benchmarks llama.cpp on the same weights."] * 8, 300).save(str(tok))
+        state = {k: v.float() for k, v in llm.model.state_dict().items()}
+        models = {}
+        for outtype in ("f32", "q8_0"):
+            path = Path(tmp) / f"{outtype}.gguf"
+            try:
+                write_gguf(path, llm.cfg, state, tok, None, outtype)
+            except CheckpointError as e:
+                return {**row, "llama_cpp": f"not exportable: {e}"}
+            models[outtype] = load_in_llama_cpp(path, args.prompt_len + args.new_tokens, n_threads=torch.get_num_threads())
+        prompt = [random.Random(0).randrange(1, llm.cfg.vocab_size) for _ in range(args.prompt_len)]
+        best = dict.fromkeys(["ours", *models], 0.0)
+        for r in range(args.repeats):
+            best["ours"] = max(best["ours"], run_batch(llm, 1, args.prompt_len, args.new_tokens, seed=r)["decode_tok_s"])
+            for outtype, model in models.items():
+                best[outtype] = max(best[outtype], llama_cpp_decode(model, prompt, args.new_tokens))
+        for model in models.values():
+            model.close()
+    row["decode_tok_s"] = best.pop("ours")
+    for outtype, tps in best.items():
+        row[f"llama_cpp_{outtype}_decode_tok_s"] = round(tps, 1)
+        row[f"x_llama_cpp_{outtype}"] = round(row["decode_tok_s"] / tps, 2)
+    return row
+
+
 def mixed_workload(attention: str, block_size: int, paged_kernel: bool, seed: int = 0) -> dict:
     model = bench_model(attention, max_seq_len=1024)
     rng = random.Random(seed)
@@ -113,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-paged-kernel", action="store_true",
                     help="decode through the PyTorch gather path instead of the C++ paged-attention kernel")
     ap.add_argument("--hf", action="store_true", help="also measure Hugging Face transformers' generate here")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="also measure llama.cpp (llama-cpp-python) at batch 1 on the same weights, f32 and q8_0")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -131,9 +179,6 @@ def main(argv=None) -> int:
             best = max((run_batch(llm, b, args.prompt_len, args.new_tokens, seed=r) for r in range(args.repeats)),
                        key=lambda r: r["decode_tok_s"])
             best["attention"] = att
-            if b in HF_REFERENCE:
-                best["x_hf_decode"] = round(best["decode_tok_s"] / HF_REFERENCE[b], 2)
-                best["x_hf_e2e"] = round(best["e2e_tok_s"] / HF_REFERENCE[b], 2)
             if args.hf and att == "gqa":
                 hf = hf_baseline(b, args.prompt_len, args.new_tokens, args.repeats)
                 best["hf_e2e_tok_s_measured"] = hf["hf_e2e_tok_s"]
@@ -141,6 +186,11 @@ def main(argv=None) -> int:
             results["runs"].append(best)
             if not args.json:
                 print(json.dumps(best), flush=True)
+        if args.llama_cpp:
+            row = llama_cpp_vs_ours(llm, att, args)
+            results.setdefault("llama_cpp", []).append(row)
+            if not args.json:
+                print(json.dumps(row), flush=True)
         if not args.no_mixed:
             mixed = mixed_workload(att, args.block_size, not args.no_paged_kernel)
             mixed["attention"] = att
