@@ -1,0 +1,258 @@
+"""serve.py as users run it: a real uvicorn server on 127.0.0.1 and real clients (openai, httpx).
+
+Every output is compared with the offline LLM.generate of the same request in this process (the
+engine's own tests compare that with full recompute)."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from builders import write_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Server:
+    """serve.py in a subprocess on a free port (--port 0; the port is read from uvicorn's log)."""
+
+    def __init__(self, ckpt, *args):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", str(ckpt), "--port", "0",
+                                      *map(str, args)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.log = []
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if "Uvicorn running on" in line:
+                self.url = line.split("running on ")[1].split()[0]
+                break
+        else:
+            raise RuntimeError("serve.py did not start:\n" + "".join(self.log))
+        self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+        self.http = httpx.Client(base_url=self.url, timeout=120)
+
+    def metrics(self) -> dict:
+        text = self.http.get("/metrics").text
+        return {k: float(v) for k, v in (line.split(" ") for line in text.splitlines() if not line.startswith("#"))}
+
+    def wait_metric(self, name, predicate):
+        """Poll /metrics until predicate(value) holds (the engine thread catches up asynchronously)."""
+        for _ in range(600):
+            value = self.metrics()[name]
+            if predicate(value):
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"{name} stayed at {value}")
+
+    def stop(self):
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "run", "gqa")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    s = Server(run_dir, "--max-num-seqs", 32)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def llm(run_dir):
+    from engine import LLM
+
+    return LLM(run_dir, device="cpu")
+
+
+def offline(llm, prompt, **kw):
+    from engine import SamplingParams
+
+    return llm.generate([prompt], SamplingParams(**kw))[0]
+
+
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_completions_and_chat_match_offline_generate(server, llm):
+    c = client(server)
+    model = c.models.list().data[0].id
+    assert model == "run"
+    # Greedy, two prompts, not streamed; usage counts and finish reasons.
+    r = c.completions.create(model=model, prompt=["To be, or not", "Once upon"], max_tokens=12, temperature=0,
+                             extra_body={"ignore_eos": True})
+    for i, p in enumerate(["To be, or not", "Once upon"]):
+        ref = offline(llm, p, temperature=0, max_new_tokens=12, ignore_eos=True)
+        assert r.choices[i].text == ref.text and r.choices[i].finish_reason == "length"
+    assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens == sum(len(llm.encode(p)) for p in
+                                                                            ["To be, or not", "Once upon"])
+    # Seeded sampling, streamed, with n=2, top_k / min_p / repetition_penalty and a stop string.
+    kw = dict(temperature=0.9, top_p=0.95, seed=7, n=2, max_new_tokens=20, ignore_eos=True, top_k=50, min_p=0.02,
+              repetition_penalty=1.1)
+    ref = offline(llm, "ROMEO:", **kw)
+    stop = ref.outputs[1].text[6:8]
+    ref_stop = offline(llm, "ROMEO:", **kw, stop=[stop])
+    for stops, expect in ((None, ref), ([stop], ref_stop)):
+        stream = c.completions.create(model=model, prompt="ROMEO:", max_tokens=20, temperature=0.9, top_p=0.95,
+                                      seed=7, n=2, stream=True, stop=stops,
+                                      extra_body={"ignore_eos": True, "top_k": 50, "min_p": 0.02,
+                                                  "repetition_penalty": 1.1})
+        texts, reasons = ["", ""], [None, None]
+        for chunk in stream:
+            for ch in chunk.choices:
+                texts[ch.index] += ch.text
+                reasons[ch.index] = ch.finish_reason or reasons[ch.index]
+        assert texts == [o.text for o in expect.outputs]
+        assert reasons == [o.finish_reason for o in expect.outputs]
+    assert ref_stop.outputs[1].finish_reason == "stop"
+    # echo, and logprobs against log-softmax of the offline logits.
+    r = c.completions.create(model=model, prompt="To be", max_tokens=6, temperature=0, echo=True)
+    greedy = offline(llm, "To be", temperature=0, max_new_tokens=6, return_logits=True)
+    assert r.choices[0].text == "To be" + greedy.text
+    r = c.completions.create(model=model, prompt="To be", max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    ref_lp = greedy.outputs[0].logits.double().log_softmax(-1)
+    for k, tok in enumerate(greedy.token_ids):
+        assert abs(lp.token_logprobs[k] - ref_lp[k, tok].item()) < 1e-4
+        assert len(lp.top_logprobs[k]) <= 3 and max(lp.top_logprobs[k].values()) == pytest.approx(
+            ref_lp[k].max().item(), abs=1e-4)
+    # Chat with the plain template (this checkpoint has no chat template), not streamed and streamed.
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "To be?"}]
+    prompt = "System: Be brief.\n\nUser: To be?\n\nAssistant:"
+    ref = offline(llm, prompt, temperature=0, max_new_tokens=10, ignore_eos=True)
+    r = c.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == ref.text and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(llm.encode(prompt))
+    ref = offline(llm, prompt, temperature=1.0, seed=3, max_new_tokens=10, ignore_eos=True)
+    stream = c.chat.completions.create(model=model, messages=messages, max_tokens=10, seed=3, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == ref.text
+
+
+def test_32_concurrent_streams_each_as_alone_and_batched(server, llm):
+    from openai import AsyncOpenAI
+
+    prompts = [f"To be, or not {i}" if i % 2 else "Once upon a time " * (1 + i % 5) for i in range(32)]
+    refs = [offline(llm, p, temperature=1.0, seed=i, max_new_tokens=8 + i % 9, ignore_eos=True).text
+            for i, p in enumerate(prompts)]
+    before = server.metrics()
+
+    async def one(c, i):
+        stream = await c.completions.create(model="run", prompt=prompts[i], max_tokens=8 + i % 9, seed=i,
+                                            stream=True, extra_body={"ignore_eos": True})
+        return "".join([ch.choices[0].text async for ch in stream if ch.choices])
+
+    async def all_of_them():
+        c = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        try:
+            return await asyncio.gather(*(one(c, i) for i in range(32)))
+        finally:
+            await c.close()
+
+    assert asyncio.run(all_of_them()) == refs
+    after = server.metrics()
+    steps = after["smallllm_decode_steps_total"] - before["smallllm_decode_steps_total"]
+    tokens = after["smallllm_decode_tokens_total"] - before["smallllm_decode_tokens_total"]
+    assert tokens / steps > 2, f"{tokens} decode tokens in {steps} steps: the requests did not share steps"
+    assert after["smallllm_requests_finished_total"] - before["smallllm_requests_finished_total"] == 32
+    assert after["smallllm_kv_blocks_used"] == 0
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    aborted = server.metrics()["smallllm_requests_aborted_total"]
+    body = {"prompt": "To be", "max_tokens": 250, "stream": True, "ignore_eos": True}
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        while not next(lines).startswith("data: "):
+            pass
+        assert server.metrics()["smallllm_kv_blocks_used"] > 0
+    # closed after the first event: the server notices, aborts the request, frees its blocks
+    server.wait_metric("smallllm_requests_aborted_total", lambda v: v == aborted + 1)
+    server.wait_metric("smallllm_kv_blocks_used", lambda v: v == 0)
+    assert server.metrics()["smallllm_requests_running"] == 0
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, llm):
+    long_prompt = "To be, or not to be " * 60
+    assert len(llm.encode(long_prompt)) >= llm.cfg.max_seq_len
+    cases = [
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": ', 400, None),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_new_tokens"),
+        ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "top_p"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "samples"),
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ("/v1/completions", {"prompt": long_prompt}, 400, "context"),
+        ("/v1/completions", {"prompt": long_prompt, "stream": True}, 400, "context"),
+        ("/v1/completions", {"prompt": 5}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ]
+    for path, body, status, words in cases:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = server.http.post(path, headers={"Content-Type": "application/json"}, **kw)
+        assert r.status_code == status, (body, r.status_code, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        if words:
+            assert words in err["message"], (body, err)
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        client(server).completions.create(model="nope", prompt="x")
+    r = server.http.post("/v1/completions", json={"prompt": "To be", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == offline(llm, "To be", temperature=0,
+                                                                               max_new_tokens=3).text
+    assert server.http.get("/health").json() == {"status": "ok"}
+    assert server.metrics()["smallllm_kv_blocks_used"] == 0
+
+
+def test_queue_limit_and_sigterm_drain(run_dir, llm):
+    """--max-num-seqs 1 --max-queue 0: a second request while one runs gets 429. SIGTERM while a stream
+    is in flight: the stream still completes, then the server exits and stops accepting."""
+    s = Server(run_dir, "--max-num-seqs", 1, "--max-queue", 0)
+    try:
+        body = {"prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
+        with s.http.stream("POST", "/v1/completions", json=body) as r:
+            events = (line[6:] for line in r.iter_lines() if line.startswith("data: "))
+            text = json.loads(next(events))["choices"][0]["text"]
+            busy = s.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+            s.proc.send_signal(signal.SIGTERM)
+            for data in events:
+                if data == "[DONE]":
+                    break
+                text += json.loads(data)["choices"][0]["text"]
+            else:
+                raise AssertionError("the stream ended without [DONE]")
+        assert text == offline(llm, "Once", temperature=0, max_new_tokens=200, ignore_eos=True).text
+        # uvicorn drains, shuts the app down, then re-raises the signal: the conventional exit for SIGTERM
+        assert s.proc.wait(timeout=60) == -signal.SIGTERM
+        s.reader.join(timeout=60)
+        assert any("Finished server process" in line for line in s.log), "".join(s.log)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(s.url + "/health")
+    finally:
+        s.stop()
