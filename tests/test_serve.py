@@ -256,3 +256,36 @@ def test_queue_limit_and_sigterm_drain(run_dir, llm):
             httpx.get(s.url + "/health")
     finally:
         s.stop()
+
+
+def test_playground_in_headless_chromium(server, llm, tmp_path):
+    """The page at /: type a prompt, press Generate, the streamed completion appears (Debian's chromium
+    driven by playwright; a screenshot is saved in the test's tmp folder when it fails)."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path("/usr/bin/chromium").exists():
+        pytest.fail("Chromium is missing: apt-get install -y chromium (.ci/run does it)")
+    expect = offline(llm, "Once upon", temperature=0, max_new_tokens=12).text
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        try:
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent === 'run'")
+            page.fill("#prompt", "Once upon")
+            page.fill("#max_tokens", "12")
+            page.fill("#temperature", "0")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('gen_stats').textContent.includes('finish: length')")
+            assert page.text_content("#completion") == expect
+            assert page.text_content("#error") == ""
+            page.wait_for_function("document.getElementById('server_stats').textContent.includes('KV blocks')")
+        except Exception:
+            shot = tmp_path / "playground.png"
+            page.screenshot(path=str(shot))
+            print(f"screenshot: {shot}")
+            raise
+        finally:
+            browser.close()
