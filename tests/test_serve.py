@@ -289,3 +289,18 @@ def test_playground_in_headless_chromium(server, llm, tmp_path):
             raise
         finally:
             browser.close()
+
+
+def test_bench_serve_runs_end_to_end(server):
+    """scripts/bench_serve.py against the running server: every request writes its full output length
+    in every run (figures themselves are not checked: they depend on the machine)."""
+    from scripts.bench_serve import make_requests
+
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "--url", server.url, "--json",
+                          "--num-requests", "6", "--rates", "50,200", "--output-tokens", "4,12", "--prompt-words", "2,20", "--seed", "3"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    expect = sum(r["max_tokens"] for r in make_requests(6, 3, (2, 20), (4, 12)))
+    assert [r["run"] for r in rows] == ["one at a time", "poisson 50/s", "poisson 200/s"]
+    assert all(r["requests"] == 6 and r["output_tokens"] == expect and r["tokens_per_s"] > 0 for r in rows)
