@@ -4,6 +4,7 @@
     sequence.py        one sample of one request (plain data)
     scheduler.py       waiting/running queues, admission, preemption, retirement
     core.py            the online engine: add_request / step / abort on one scheduler
+    async_engine.py    one thread owns the core; asyncio callers (serve.py) enqueue and await
     text.py            stop strings and streamed text
     kv_cache.py        the cache object the attention layers call, and the step metadata
     model_runner.py    packs a batch into one forward, returns next-token logits

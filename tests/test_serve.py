@@ -304,3 +304,25 @@ def test_bench_serve_runs_end_to_end(server):
     expect = sum(r["max_tokens"] for r in make_requests(6, 3, (2, 20), (4, 12)))
     assert [r["run"] for r in rows] == ["one at a time", "poisson 50/s", "poisson 200/s"]
     assert all(r["requests"] == 6 and r["output_tokens"] == expect and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_chat_template_from_tokenizer_config(run_dir, tmp_path):
+    """A tokenizer_config.json beside the weights (as Hugging Face exports write it) sets the chat
+    prompt; without one the plain template is used."""
+    import shutil
+
+    from serve import load_chat_template, render_chat
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert load_chat_template(str(run_dir)) is None
+    assert render_chat(messages, None, None) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, symlinks=True)
+    template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    ckpt = (run / "checkpoints" / "latest").resolve()
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    found = load_chat_template(str(run))
+    assert found == template
+    assert render_chat(messages, found, None) == \
+        "<|system|>Be brief.<|endoftext|><|user|>Hi<|endoftext|><|assistant|>"
