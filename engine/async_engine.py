@@ -152,7 +152,10 @@ class AsyncEngine:
             if not self.core.has_unfinished():
                 self._wake.wait()
                 continue
-            events = self.core.step()
+            try:
+                events = self.core.step()
+            except Exception as e:  # outside any one request (a scheduler bug): fail them all, keep serving
+                events = self.core.fail(list(self.core.requests), e)
             self._deliver(events)
             self._publish()
         shutdown = RuntimeError("the server shut down before this request finished")

@@ -231,7 +231,7 @@ class EngineCore:
                                             [s.token_ids for s in run], argmax)
             self.scheduler.postprocess(run, tokens)
         except Exception as e:
-            return self._fail(run, e)
+            return self.fail([s.request_index for s in run], e)
         events = []
         for row, (seq, tok, lp) in enumerate(zip(run, tokens, logprobs)):
             if seq.logits is not None:
@@ -261,10 +261,11 @@ class EngineCore:
                 rows += [i] * len(children)
         return run, logits[torch.tensor(rows, device=logits.device)]
 
-    def _fail(self, seqs: list[Sequence], error: Exception) -> list[Event]:
-        """The step raised: its requests end with the error, their blocks freed; the rest go on."""
+    def fail(self, indices, error: Exception) -> list[Event]:
+        """End these requests with `error`, their blocks freed (a step that raised: its requests; the
+        engine thread passes every request when the scheduler itself raised); the rest go on."""
         events = []
-        for index in dict.fromkeys(s.request_index for s in seqs):
+        for index in dict.fromkeys(indices):
             req = self.requests.get(index)
             if req is not None and self.abort(index):
                 req.error = error

@@ -326,3 +326,50 @@ def test_chat_template_from_tokenizer_config(run_dir, tmp_path):
     assert found == template
     assert render_chat(messages, found, None) == \
         "<|system|>Be brief.<|endoftext|><|user|>Hi<|endoftext|><|assistant|>"
+
+
+def test_engine_thread_fails_one_request_and_keeps_serving(run_dir):
+    """In-process: a failing prefill fails only the request in it (a running one finishes intact); a
+    failure outside any request (the scheduler) fails those in flight and the engine serves the next."""
+    from engine import LLM, SamplingParams
+    from engine.async_engine import AsyncEngine
+
+    llm = LLM(run_dir, device="cpu")
+    sp = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    ref = llm.generate([[5, 6, 7]], sp)[0].token_ids
+    engine = AsyncEngine(llm.core)
+    real_run, real_schedule = llm.runner.run, llm.core.scheduler.schedule
+
+    def failing_prefill(seqs, is_prefill):
+        if is_prefill:
+            raise RuntimeError("injected prefill failure")
+        return real_run(seqs, is_prefill)
+
+    def failing_schedule():
+        llm.core.scheduler.schedule = real_schedule  # once
+        raise RuntimeError("injected scheduler failure")
+
+    async def scenario():
+        a = engine.generate([5, 6, 7], sp)
+        tokens = [(await a.__anext__()).token]  # a is running
+        llm.runner.run = failing_prefill
+        with pytest.raises(RuntimeError, match="prefill failure"):
+            async for _ in engine.generate([9, 9], sp):
+                pass
+        llm.runner.run = real_run
+        tokens += [up.token async for up in a]
+        assert tokens == ref
+        llm.core.scheduler.schedule = failing_schedule
+        with pytest.raises(RuntimeError, match="scheduler failure"):
+            async for _ in engine.generate([5, 6, 7], sp):
+                pass
+        return [up.token async for up in engine.generate([5, 6, 7], sp)]
+
+    engine.start()
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), 300)) == ref  # a dead engine thread: a failure, not a hang
+    finally:
+        engine.close()
+    snap = engine.metrics.snapshot()
+    assert snap["requests_failed"] == 2 and snap["requests_finished"] == 2 and snap["blocks_used"] == 0
+    assert llm.block_manager.num_used_blocks == 0
