@@ -50,6 +50,11 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+def as_api_error(e: Exception) -> APIError:
+    """An APIError as it is; anything else failed inside the engine: a 500 naming it."""
+    return e if isinstance(e, APIError) else APIError(500, f"generation failed: {type(e).__name__}: {e}")
+
+
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
@@ -71,17 +76,19 @@ def load_chat_template(ckpt: str) -> Optional[str]:
     return None
 
 
-def render_chat(messages: list[dict], template: Optional[str], tokenizer) -> str:
+def render_chat(messages: list[dict], template: Optional[str]) -> str:
+    """The chat prompt: a Hugging Face chat template (jinja2, sandboxed) or the plain template."""
     if template is None:
         return plain_chat_prompt(messages)
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from data.config import EOT
 
     def raise_exception(msg):
         raise APIError(400, f"the chat template refused the messages: {msg}")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    from data.config import EOT
     return env.from_string(template).render(messages=messages, add_generation_prompt=True, eos_token=EOT,
                                             bos_token="")
 
@@ -157,15 +164,14 @@ class Server:
         return value
 
     async def run(self, prompt_ids: list[int], params):
-        """Updates of one prompt, each tagged with its sample; errors of the engine become API errors."""
+        """Updates of one prompt's request (the prompt is already checked): a request that cannot fit
+        the KV cache is a 400; any other error failed it inside the engine (see as_api_error)."""
         from engine import RequestTooLarge
 
         try:
             async for up in self.engine.generate(prompt_ids, params):
                 yield up
         except RequestTooLarge as e:
-            raise APIError(400, str(e)) from None
-        except ValueError as e:
             raise APIError(400, str(e)) from None
 
 
@@ -305,10 +311,8 @@ def create_app(server: Server):
             try:
                 async for i, up in merged(server, prompts, params):
                     choices[i * n + up.sample_index].add(up)
-            except APIError:
-                raise
-            except Exception as e:  # the engine failed the request
-                raise APIError(500, f"generation failed: {e}") from None
+            except Exception as e:
+                raise as_api_error(e) from None
             return JSONResponse(final(choices))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         updates = merged(server, prompts, params)
@@ -316,6 +320,8 @@ def create_app(server: Server):
             first = await updates.__anext__()
         except StopAsyncIteration:
             first = None
+        except Exception as e:
+            raise as_api_error(e) from None
 
         async def events():
             try:
@@ -333,10 +339,8 @@ def create_app(server: Server):
                 if include_usage:
                     yield sse({**chunk(None, "", None), "choices": [], "usage": usage(prompts, choices)})
                 yield "data: [DONE]\n\n"
-            except APIError as e:
-                yield sse(e.body())
-            except Exception as e:  # the engine failed this request mid-way: say so in the stream
-                yield sse(APIError(500, f"generation failed: {e}").body())
+            except Exception as e:  # after the 200: the error goes in the stream
+                yield sse(as_api_error(e).body())
             finally:
                 await updates.aclose()  # a client gone: abort the requests, free their blocks
 
@@ -389,7 +393,7 @@ def create_app(server: Server):
                 for m in messages):
             raise APIError(400, "'messages' must be a non-empty list of {\"role\": system|user|assistant, "
                                 "\"content\": string}", param="messages")
-        ids = [server.encode(render_chat(messages, server.chat_template, server.llm.tokenizer), 0)]
+        ids = [server.encode(render_chat(messages, server.chat_template), 0)]
         top = _get(body, "top_logprobs", int)
         logprobs = (top or 0) if _get(body, "logprobs", bool, False) else None
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"

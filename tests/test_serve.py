@@ -315,7 +315,7 @@ def test_chat_template_from_tokenizer_config(run_dir, tmp_path):
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert load_chat_template(str(run_dir)) is None
-    assert render_chat(messages, None, None) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
+    assert render_chat(messages, None) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, symlinks=True)
     template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
@@ -324,7 +324,7 @@ def test_chat_template_from_tokenizer_config(run_dir, tmp_path):
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     found = load_chat_template(str(run))
     assert found == template
-    assert render_chat(messages, found, None) == \
+    assert render_chat(messages, found) == \
         "<|system|>Be brief.<|endoftext|><|user|>Hi<|endoftext|><|assistant|>"
 
 
