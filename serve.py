@@ -323,19 +323,19 @@ def create_app(server: Server):
         except Exception as e:
             raise as_api_error(e) from None
 
+        async def all_updates():
+            if first is not None:
+                yield first
+            async for item in updates:
+                yield item
+
         async def events():
             try:
-                pending = [first] if first is not None else []
-                while True:
-                    for i, up in pending:
-                        ch = choices[i * n + up.sample_index]
-                        piece = ch.add(up)
-                        if piece or up.finish_reason is not None or up.logprobs is not None:
-                            yield sse(chunk(ch, piece, up))
-                    try:
-                        pending = [await updates.__anext__()]
-                    except StopAsyncIteration:
-                        break
+                async for i, up in all_updates():
+                    ch = choices[i * n + up.sample_index]
+                    piece = ch.add(up)
+                    if piece or up.finish_reason is not None or up.logprobs is not None:
+                        yield sse(chunk(ch, piece, up))
                 if include_usage:
                     yield sse({**chunk(None, "", None), "choices": [], "usage": usage(prompts, choices)})
                 yield "data: [DONE]\n\n"
