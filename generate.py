@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """Errors in one line; --help shows every default."""
 
     def __init__(self, **kw):
@@ -42,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description="Generate text from a checkpoint (paged KV cache, continuous batching).")
+    p = OneLineErrorParser(description="Generate text from a checkpoint (paged KV cache, continuous batching).")
     p.add_argument("--ckpt", required=True, help="run folder, its checkpoints/ folder, or a checkpoint folder")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     p.add_argument("--prompt-file", default=None, help="one prompt per line, or a .jsonl file")

@@ -484,9 +484,9 @@ def prometheus_text(snap: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from generate import _Parser
+    from generate import OneLineErrorParser
 
-    p = _Parser(description="An OpenAI-compatible server for a small-llm checkpoint, with a playground at /.")
+    p = OneLineErrorParser(description="An OpenAI-compatible server for a checkpoint, with a playground at /.")
     p.add_argument("--ckpt", required=True, help="run folder, its checkpoints/ folder, or a checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")

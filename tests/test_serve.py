@@ -297,7 +297,8 @@ def test_bench_serve_runs_end_to_end(server):
     from scripts.bench_serve import make_requests
 
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "--url", server.url, "--json",
-                          "--num-requests", "6", "--rates", "50,200", "--output-tokens", "4,12", "--prompt-words", "2,20", "--seed", "3"],
+                          "--num-requests", "6", "--rates", "50,200", "--output-tokens", "4,12", "--prompt-words", "2,20",
+                          "--seed", "3"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
@@ -373,3 +374,18 @@ def test_engine_thread_fails_one_request_and_keeps_serving(run_dir):
     snap = engine.metrics.snapshot()
     assert snap["requests_failed"] == 2 and snap["requests_finished"] == 2 and snap["blocks_used"] == 0
     assert llm.block_manager.num_used_blocks == 0
+
+
+def test_bad_command_lines_give_one_line_errors(tmp_path):
+    cases = {"missing checkpoint": (["--ckpt", tmp_path / "nope"], "does not exist"),
+             "no batch": (["--ckpt", tmp_path, "--max-num-seqs", 0], "--max-num-seqs"),
+             "bad queue": (["--ckpt", tmp_path, "--max-queue", -1], "--max-queue"),
+             "bad port": (["--ckpt", tmp_path, "--port", "x"], "--port")}
+    procs = {name: subprocess.Popen([sys.executable, str(ROOT / "serve.py"), *map(str, args)], cwd=ROOT, env=ENV,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (args, _) in cases.items()}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert cases[name][1] in lines[0] and out == "", (name, lines[0])
