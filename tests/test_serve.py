@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from builders import write_checkpoint
 
