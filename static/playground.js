@@ -5,7 +5,8 @@ const $ = (id) => document.getElementById(id);
 let controller = null;
 
 function params() {
-  const body = { model: $("model").textContent, prompt: $("prompt").value, stream: true };
+  const body = { model: $("model").textContent, prompt: $("prompt").value, stream: true,
+                 stream_options: { include_usage: true } };  // the last event counts the tokens
   for (const key of ["max_tokens", "top_k", "seed"]) {
     if ($(key).value !== "") body[key] = parseInt($(key).value, 10);
   }
@@ -48,7 +49,7 @@ async function generate() {
   $("generate").disabled = true;
   $("stop_button").disabled = false;
   const start = performance.now();
-  let first = null, tokens = 0, finish = null;
+  let first = null, chunks = 0, tokens = null, finish = null;
   try {
     const response = await fetch("/v1/completions", {
       method: "POST", headers: { "Content-Type": "application/json" },
@@ -64,13 +65,15 @@ async function generate() {
       if (chunk.error) throw new Error(chunk.error.message);
       for (const choice of chunk.choices) {
         textSpan.textContent += choice.text;
-        tokens += 1;
+        chunks += 1;
         if (choice.finish_reason) finish = choice.finish_reason;
       }
+      if (chunk.usage) tokens = chunk.usage.completion_tokens;
       if (first === null) first = performance.now();
-      const secs = (performance.now() - first) / 1000;
-      $("gen_stats").textContent = `${tokens} chunks, first after ${(first - start).toFixed(0)} ms, ` +
-        `${secs > 0 ? ((tokens - 1) / secs).toFixed(1) : "-"} chunks/s` + (finish ? `, finish: ${finish}` : "");
+      const secs = (performance.now() - start) / 1000;
+      const count = tokens === null ? `${chunks} chunks` : `${tokens} tokens, ${(tokens / secs).toFixed(1)} tokens/s`;
+      $("gen_stats").textContent = `${count}, first after ${(first - start).toFixed(0)} ms` +
+        (finish ? `, finish: ${finish}` : "");
     }
   } catch (e) {
     if (e.name !== "AbortError") $("error").textContent = "error: " + e.message;

@@ -278,6 +278,7 @@ def test_playground_in_headless_chromium(server, llm, tmp_path):
             page.fill("#temperature", "0")
             page.click("#generate")
             page.wait_for_function("document.getElementById('gen_stats').textContent.includes('finish: length')")
+            page.wait_for_function("document.getElementById('gen_stats').textContent.startsWith('12 tokens')")
             assert page.text_content("#completion") == expect
             assert page.text_content("#error") == ""
             page.wait_for_function("document.getElementById('server_stats').textContent.includes('KV blocks')")
