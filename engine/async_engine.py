@@ -157,7 +157,6 @@ class AsyncEngine:
             except Exception as e:  # outside any one request (a scheduler bug): fail them all, keep serving
                 events = self.core.fail(list(self.core.requests), e)
             self._deliver(events)
-            self._publish()
         shutdown = RuntimeError("the server shut down before this request finished")
         self._drain_inbox()
         for index, handle in list(self._handles.items()):
@@ -207,13 +206,18 @@ class AsyncEngine:
             for ev in events:  # after delivering: a step may carry several samples of one finished request
                 if ev.request.finished and self._handles.pop(ev.request.index, None) is not None:
                     m.requests_finished += ev.error is None
+            # Under the same lock: a client that saw its last token then reads /metrics sees this step.
+            m.gauges = self._gauges()
 
     def _publish(self) -> None:
-        core, st = self.core, self.core.stats
-        gauges = dict(running=core.num_running, waiting=core.num_waiting, blocks_used=core.bm.num_used_blocks,
-                      blocks_total=core.bm.num_blocks, prefix_query_tokens=core.bm.prefix_query_tokens,
-                      prefix_hit_tokens=core.bm.prefix_hit_tokens, prompt_tokens=st.prefill_tokens,
-                      decode_tokens=st.decode_tokens, decode_steps=st.decode_steps, steps=st.steps,
-                      preemptions=core.scheduler.num_preemptions)
+        gauges = self._gauges()
         with self.metrics.lock:
             self.metrics.gauges = gauges
+
+    def _gauges(self) -> dict:
+        core, st = self.core, self.core.stats
+        return dict(running=core.num_running, waiting=core.num_waiting, blocks_used=core.bm.num_used_blocks,
+                    blocks_total=core.bm.num_blocks, prefix_query_tokens=core.bm.prefix_query_tokens,
+                    prefix_hit_tokens=core.bm.prefix_hit_tokens, prompt_tokens=st.prefill_tokens,
+                    decode_tokens=st.decode_tokens, decode_steps=st.decode_steps, steps=st.steps,
+                    preemptions=core.scheduler.num_preemptions)
