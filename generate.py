@@ -10,13 +10,15 @@
 prompt, generation starts from a single newline. --prompt-file holds one prompt per line (empty lines
 skipped), or, for a .jsonl file, one JSON string or {"prompt": ...} object per line.
 
-Every request is seeded with --seed (sample i of a request with (seed, i)): its output depends only on
-its prompt, settings and seed, not on the other requests batched with it. A prompt must be shorter
+Seeds: request r is seeded with request_seed(--seed, r) and its sample i with (that seed, i), so
+identical prompts give different samples while a request's output still depends only on its prompt,
+settings, --seed and position, not on the other requests batched with it. Without --seed a seed is
+drawn and printed on stderr (and in --json) so a run can be repeated. A prompt must be shorter
 than the model's context (model.max_seq_len); if prompt + --max-new-tokens does not fit, generation
 stops at the context limit (finish_reason "length") and a note says so on stderr.
 
 --json prints one object on stdout:
-    {"requests": [{"prompt", "token_ids", "text", "finish_reason"}, ...], "stats": {...}}
+    {"requests": [{"prompt", "token_ids", "text", "finish_reason"}, ...], "seed": N, "stats": {...}}
 and with --num-samples N > 1 each request is {"prompt", "samples": [{"token_ids", "text",
 "finish_reason"}, ...]}. Bad input (missing or corrupt checkpoint, a prompt too long for the context,
 invalid sampling values, an empty prompt) prints one line `error: ...` on stderr and exits with 2.
@@ -24,29 +26,36 @@ invalid sampling values, an empty prompt) prints one line `error: ...` on stderr
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Errors in one line; --help shows every default."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
     def error(self, message):  # one line, like every other bad-input error (argparse adds the usage)
         self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description="Generate text from a checkpoint (paged KV cache, continuous batching).")
+    p = OneLineErrorParser(description="Generate text from a checkpoint (paged KV cache, continuous batching).")
     p.add_argument("--ckpt", required=True, help="run folder, its checkpoints/ folder, or a checkpoint folder")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     p.add_argument("--prompt-file", default=None, help="one prompt per line, or a .jsonl file")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens per sample")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="request r uses a seed derived from (seed, r); None: one is drawn at random and printed")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (they share the prompt's KV)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-blocks", type=int, default=None, help="KV budget in blocks (default: from free memory)")
@@ -134,12 +143,17 @@ def run(args) -> int:
     import torch
 
     from engine import LLM, RequestTooLarge, SamplingParams  # imported late: --help stays fast
+    from engine.sampler import request_seed
+    from engine.text import TextStream
     from checkpoint import CheckpointError
 
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
     try:
-        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                                stop=args.stop, ignore_eos=args.ignore_eos, seed=args.seed, n=args.num_samples)
+        params = [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                 repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                                 stop=args.stop or [], ignore_eos=args.ignore_eos, seed=request_seed(seed, r),
+                                 n=args.num_samples)
+                  for r in range(len(prompts))]
     except ValueError as e:
         raise InputError(str(e)) from None
     device = None if args.device == "auto" else check_device(args.device)
@@ -152,29 +166,30 @@ def run(args) -> int:
     except CheckpointError as e:
         raise InputError(str(e)) from None
 
+    try:
+        prompt_ids = llm.encode_prompts(prompts)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     ctx = llm.cfg.max_seq_len
-    prompt_ids = []
-    for i, text in enumerate(prompts):
-        ids = llm.encode(text)
-        if not ids:
-            raise InputError(f"prompt {i} is empty")
-        if len(ids) >= ctx:
-            raise InputError(f"prompt {i} has {len(ids)} tokens but the model's context is {ctx} tokens "
-                             f"(at most {ctx - 1} prompt tokens leave room for one new token)")
-        if len(ids) + params.max_new_tokens > ctx:
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) + args.max_new_tokens > ctx:
             print(f"note: prompt {i} has {len(ids)} tokens: generation stops at the model's context of {ctx} "
                   f"tokens (at most {ctx - len(ids)} new tokens)", file=sys.stderr)
-        prompt_ids.append(ids)
 
     on_token = None
     if args.stream:
-        on_token = _Streamer(llm, prompts[0], params.stop)
+        stream = TextStream(llm.decode, params[0].stop)
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+        on_token = lambda i, j, token_ids: _write(stream.push(token_ids))  # noqa: E731
     try:
         outs = llm.generate(prompt_ids, params, on_token=on_token)
     except RequestTooLarge as e:
         raise InputError(str(e)) from None
     if args.stream:
-        on_token.finish(outs[0].text)
+        _write(stream.finish(outs[0].text) + "\n")
+    if args.seed is None:  # said after the run: a bad-input error stays one line
+        print(f"seed {seed} (pass --seed {seed} to repeat this run)", file=sys.stderr)
 
     stats = llm.stats
     stats_d = {
@@ -184,6 +199,7 @@ def run(args) -> int:
         "blocks_total": stats.num_blocks,
         "block_size": stats.block_size,
         "kv_bytes_per_token": stats.kv_bytes_per_token,
+        "kv_dtype": stats.kv_dtype,
         "kv_bytes_per_token_full_kv": stats.kv_bytes_per_token_full_kv,
         "prefix_hit_rate": round(stats.prefix_hit_rate, 4),
         "preemptions": stats.preemptions,
@@ -199,7 +215,7 @@ def run(args) -> int:
             samples = [{"token_ids": s.token_ids, "text": s.text, "finish_reason": s.finish_reason} for s in out.outputs]
             requests.append({"prompt": text, **samples[0]} if args.num_samples == 1 else
                             {"prompt": text, "samples": samples})
-        print(json.dumps({"requests": requests, "stats": stats_d}, ensure_ascii=False))
+        print(json.dumps({"requests": requests, "seed": seed, "stats": stats_d}, ensure_ascii=False))
         return 0
     if not args.stream:
         many = len(outs) > 1 or args.num_samples > 1
@@ -211,39 +227,14 @@ def run(args) -> int:
                 print(text + s.text)
     print(f"[{len(outs)} request(s)] prefill {stats_d['prefill_tokens_per_s']:.0f} tok/s, decode "
           f"{stats_d['decode_tokens_per_s']:.0f} tok/s, blocks {stats.blocks_used_peak}/{stats.num_blocks}, "
-          f"{stats.kv_bytes_per_token} KV bytes/token, prefix hits {stats.prefix_hit_rate:.0%}, "
+          f"{stats.kv_bytes_per_token} KV bytes/token ({stats.kv_dtype}), prefix hits {stats.prefix_hit_rate:.0%}, "
           f"preemptions {stats.preemptions}", file=sys.stderr)
     return 0
 
 
-class _Streamer:
-    """Prints the new text of a single generation as tokens arrive. Holds back a character split
-    across tokens, and the last characters that could still become a stop string."""
-
-    def __init__(self, llm, prompt: str, stops: list[str]):
-        self.llm, self.printed, self.stops = llm, 0, stops
-        self.hold = max(map(len, stops), default=1) - 1
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-
-    def __call__(self, request_index: int, sample_index: int, token_ids: list[int]) -> None:
-        text = self.llm.decode(token_ids)
-        if text.endswith("\ufffd"):
-            return
-        found = [text.find(s) for s in self.stops if s in text]
-        self._write(text[:min(found)] if found else text[:len(text) - self.hold])
-
-    def _write(self, text: str) -> None:
-        if len(text) > self.printed:
-            sys.stdout.write(text[self.printed:])
-            sys.stdout.flush()
-            self.printed = len(text)
-
-    def finish(self, final_text: str) -> None:
-        """final_text: the finished output (cut before a stop string)."""
-        self._write(final_text)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def main(argv=None) -> int:

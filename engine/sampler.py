@@ -3,18 +3,30 @@
 Order: repetition penalty, then (for rows with temperature > 0) temperature, top-k, top-p, min-p, and
 a draw. Temperature 0 is greedy: argmax of the (penalised) logits.
 
+Rows whose SamplingParams ask for logprobs also get the log-probability of the sampled token and the
+top alternatives at that position (log-softmax of the raw logits, before penalty, temperature and
+filters).
+
 Each sequence draws from its own torch.Generator (seeded from the request's seed), one uniform number
 per sampled token, and picks the token by inverse CDF: a row's token depends only on its logits and
 its generator, never on which other sequences share the batch.
 """
 
-from typing import Optional, Sequence as Seq
+import hashlib
+from typing import NamedTuple, Optional, Sequence as Seq
 
 import torch
 
 from .sampling_params import SamplingParams
 
 SEED_STRIDE = 0x9E3779B97F4A7C15  # mixes the sample index into the seed (golden-ratio increment)
+
+
+def request_seed(seed: int, request_index: int) -> int:
+    """Request r of a run seeded with `seed` (generate.py): a 63-bit mix, so nearby seeds and nearby
+    requests do not share streams (seed + r would give run 0's request 1 the stream of run 1's request 0)."""
+    digest = hashlib.blake2b(f"{seed}:{request_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def make_generator(seed: int, sample_index: int = 0) -> torch.Generator:
@@ -70,13 +82,30 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     return torch.minimum(idx, last_pos)
 
 
+class TokenLogprobs(NamedTuple):
+    logprob: float  # of the sampled token
+    top: list[tuple[int, float]]  # the most likely tokens at this position, most likely first
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+    """logits [B, V] (raw); one sampled token and one number of alternatives per row."""
+    lp = logits.float().log_softmax(-1)
+    k = max(num_top)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    picked = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return [TokenLogprobs(picked[r], list(zip(top_i[r][:n], top_v[r][:n]))) for r, n in enumerate(num_top)]
+
+
 class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
                  generators: Seq[Optional[torch.Generator]], histories: Seq[list[int]],
-                 argmax: Optional[torch.Tensor] = None) -> list[int]:
+                 argmax: Optional[torch.Tensor] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
         """logits [B, V] float32; one SamplingParams, generator and token history (prompt + output) per row.
-        argmax: logits.argmax(-1) when the caller already has it (the compiled decode step computes it)."""
+        argmax: logits.argmax(-1) when the caller already has it (the compiled decode step computes it).
+        Returns the tokens, and for each row its TokenLogprobs (None unless its params ask for logprobs)."""
+        raw = logits
         rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if rows:
             logits = logits.clone()
@@ -102,4 +131,11 @@ class Sampler:
                 tokens = drawn
             else:
                 tokens[torch.tensor(sampled, device=dev)] = drawn
-        return tokens.tolist()
+        tokens = tokens.tolist()
+        logprobs: list[Optional[TokenLogprobs]] = [None] * len(params)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            found = token_logprobs(raw[want], [tokens[i] for i in want], [params[i].logprobs for i in want])
+            for i, lp in zip(want, found):
+                logprobs[i] = lp
+        return tokens, logprobs

@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from typing import Optional
 
+MAX_LOGPROBS = 20  # alternatives reported per token, at most (OpenAI's limit)
+
 
 @dataclass
 class SamplingParams:
@@ -22,6 +24,10 @@ class SamplingParams:
                         requests share the batch. None: drawn from torch's global RNG at submission.
     n                   number of independent samples (they share the prompt's KV blocks).
     return_logits       keep the raw model logits of every generated position (tests, debugging).
+    logprobs            report the log-probability of each sampled token and of the `logprobs` most
+                        likely tokens at its position (0 = the sampled token only; None = off), under
+                        the model's distribution: log-softmax of the logits before penalty, temperature
+                        and filters (what vLLM reports by default).
 
     The filters apply in this order: repetition penalty, temperature, top-k, top-p, min-p.
     """
@@ -37,6 +43,7 @@ class SamplingParams:
     seed: Optional[int] = None
     n: int = 1
     return_logits: bool = False
+    logprobs: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -62,4 +69,6 @@ class SamplingParams:
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         need(self.n >= 1, f"the number of samples must be >= 1, got {self.n}")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        need(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")

@@ -9,7 +9,8 @@ Each step is either a prefill step or a decode step (prefill first, as in nano-v
     its prompt for the cache; its output and RNG state are kept, so the result does not change).
     Nothing else is harmed: the victim only loses work.
 
-Retiring (EOS unless ignore_eos, a stop string, max_new_tokens or the model's context) frees blocks.
+Retiring (EOS unless ignore_eos, a stop string, max_new_tokens or the model's context) frees blocks;
+so does remove() + BlockManager.free() for a request that is aborted or fails (engine/core.py).
 A request that could not fit even alone in the whole cache is refused when added (RequestTooLarge).
 """
 
@@ -50,6 +51,12 @@ class Scheduler:
                 f"a request needs {need} KV blocks ({seq.max_tokens} tokens at block size {self.bm.block_size}) "
                 f"but the cache has only {self.bm.num_blocks}: raise num_blocks or lower max_new_tokens")
         self.waiting.append(seq)
+
+    def remove(self, seqs: list[Sequence]) -> None:
+        """Take seqs out of the queues (an aborted or failed request); the caller frees their blocks."""
+        gone = set(seqs)
+        self.waiting = deque(s for s in self.waiting if s not in gone)
+        self.running = deque(s for s in self.running if s not in gone)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -207,3 +207,98 @@ def test_compiled_decode_matches_full_recompute(attention, paged_kernel):
     ref = tokens(reference(model, prompts, GREEDY))
     llm = LLM(model=model, device="cpu", block_size=4, num_blocks=30, compile=True, paged_kernel=paged_kernel)
     assert tokens(llm.generate(prompts, GREEDY)) == ref and llm.stats.preemptions > 0
+
+
+# ---- failure paths: after any exception inside generate() the engine is as before the call ---------
+
+def _assert_clean(llm):
+    bm = llm.block_manager
+    assert bm.num_used_blocks == 0, f"{bm.num_used_blocks} blocks leaked"
+    bm.check([])  # refcounts, free lists and prefix-cache keys consistent
+    assert not llm.core.requests and not llm.core.scheduler.has_unfinished()
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
+def test_forward_that_raises_leaves_the_engine_clean(monkeypatch, where, error):
+    """A forward raising (a bug, an out-of-memory, Ctrl-C) frees every block; later calls work."""
+    model = model_for("gqa")
+    # Prefill failure: prompts without a full block (a full block's prefix-cache key is the block
+    # manager's business); decode failure: full blocks, already registered with their K/V written.
+    prompts = make_prompts([5, 9, 12] if where == "prefill" else [17, 33, 40], seed=7)
+    ref = tokens(reference(model, prompts, GREEDY))
+    llm = LLM(model=model, device="cpu", block_size=16, max_num_seqs=2)  # the third prompt waits
+    real_run, calls = llm.runner.run, []
+
+    def failing_run(seqs, is_prefill):
+        calls.append(is_prefill)
+        if is_prefill == (where == "prefill") and len(calls) >= 2:
+            raise error("injected")
+        return real_run(seqs, is_prefill)
+
+    monkeypatch.setattr(llm.runner, "run", failing_run)
+    with pytest.raises(error, match="injected"):
+        llm.generate(prompts, GREEDY)
+    _assert_clean(llm)
+    monkeypatch.setattr(llm.runner, "run", real_run)
+    assert tokens(llm.generate(prompts, GREEDY)) == ref
+    _assert_clean(llm)
+
+
+@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
+def test_on_token_that_raises_leaves_the_engine_clean(error):
+    model = model_for("mla")
+    prompts = make_prompts([3, 20, 35], seed=8)
+    sp = SamplingParams(temperature=1.0, n=2, seed=3, max_new_tokens=12, ignore_eos=True)
+    ref = tokens(reference(model, prompts, sp))
+    llm = LLM(model=model, device="cpu", block_size=8)
+    seen = []
+
+    def on_token(i, j, ids):
+        seen.append(i)
+        if len(seen) == 10:
+            raise error("callback failed")
+
+    with pytest.raises(error, match="callback failed"):
+        llm.generate(prompts, sp, on_token=on_token)
+    _assert_clean(llm)
+    assert tokens(llm.generate(prompts, sp)) == ref
+
+
+def test_a_failed_step_fails_its_requests_only():
+    """Online: a step that raises ends the requests in it with the error; the others finish intact."""
+    model = model_for("gqa")
+    prompts = make_prompts([6, 30, 11], seed=9)
+    ref = tokens(reference(model, prompts, GREEDY))
+    llm = LLM(model=model, device="cpu", block_size=8)
+    core, real_run = llm.core, llm.runner.run
+    first = core.add_request(prompts[0], GREEDY)
+    out = {first.index: [e.token for e in core.step()]}  # its prefill
+    late = core.add_request(prompts[1], GREEDY)
+
+    def failing_prefill(seqs, is_prefill):
+        if is_prefill:
+            raise Boom("bad batch")
+        return real_run(seqs, is_prefill)
+
+    llm.runner.run = failing_prefill
+    events = core.step()  # the late request's prefill fails
+    llm.runner.run = real_run
+    assert [(e.request, type(e.error)) for e in events] == [(late, Boom)] and late.finished
+    last = core.add_request(prompts[2], GREEDY)
+    while core.has_unfinished():
+        for e in core.step():
+            assert e.error is None
+            out.setdefault(e.request.index, []).append(e.token)
+    assert out[first.index] == ref[0][0] and out[last.index] == ref[2][0]
+    _assert_clean(llm)
+    # abort(): a running request's blocks are free at once.
+    r = core.add_request(prompts[1], GREEDY)
+    core.step()
+    assert llm.block_manager.num_used_blocks > 0
+    assert core.abort(r.index) and not core.abort(r.index)
+    _assert_clean(llm)

@@ -92,8 +92,13 @@ def test_inverse_cdf_draw():
     assert sample_from_probs(probs, torch.tensor([1.0])).tolist() == [1]
 
 
+def tokens_of(sampler):
+    """The sampler's tokens only (it also returns the logprobs each row asked for)."""
+    return lambda *a, **kw: sampler(*a, **kw)[0]
+
+
 def test_sampler_greedy_penalty_and_distribution():
-    s = Sampler()
+    s = tokens_of(Sampler())
     logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 4.9]])
     greedy = SamplingParams(temperature=0)
     assert s(logits, [greedy, greedy], [None, None], [[], []]) == [1, 0]
@@ -118,7 +123,7 @@ def test_sampler_greedy_penalty_and_distribution():
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():
-    s = Sampler()
+    s = tokens_of(Sampler())
     torch.manual_seed(0)
     logits = torch.randn(5, 50) * 3
     p = SamplingParams(temperature=0.8, top_p=0.9, min_p=0.01)
@@ -134,9 +139,26 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     assert not torch.equal(a, b)
 
 
+def test_logprobs_of_sampled_and_top_tokens_match_float64():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40) * 4
+    asks = [SamplingParams(temperature=0.7, seed=1, repetition_penalty=1.5, logprobs=5),
+            SamplingParams(temperature=0),
+            SamplingParams(temperature=0, logprobs=0)]
+    tokens, lps = Sampler()(logits, asks, [make_generator(1), None, None], [[0, 1, 2], [], []])
+    assert lps[1] is None and lps[2].top == []
+    for r in (0, 2):
+        ref = [math.log(math.exp(x) / sum(math.exp(y) for y in logits[r].double().tolist()))
+               for x in logits[r].double().tolist()]  # raw distribution: no penalty, no temperature
+        assert abs(lps[r].logprob - ref[tokens[r]]) < 1e-5
+        best = sorted(range(40), key=lambda t: -ref[t])[:asks[r].logprobs]
+        assert [t for t, _ in lps[r].top] == best
+        assert all(abs(v - ref[t]) < 1e-5 for t, v in lps[r].top)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),
                                  dict(top_k=-2), dict(repetition_penalty=0), dict(max_new_tokens=0), dict(n=0),
-                                 dict(stop=[""])])
+                                 dict(stop=[""]), dict(logprobs=-1), dict(logprobs=21)])
 def test_invalid_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -48,6 +48,7 @@ def test_json_output_matches_the_api(run_dir, tmp_path):
                 "prefix_hit_rate", "preemptions"):
         assert key in doc["stats"], key
     assert doc["stats"]["kv_bytes_per_token"] == 2 * 2 * 16 * 2 * 4  # K+V x 2 kv heads x 16 dims x 2 layers x fp32
+    assert doc["stats"]["kv_dtype"] == "fp32"
     # The same tokens as the Python API.
     from engine import LLM, SamplingParams
 
@@ -64,6 +65,30 @@ def test_json_output_matches_the_api(run_dir, tmp_path):
         assert set(r) == {"prompt", "samples"} and len(r["samples"]) == 3
         assert all(set(s) == {"token_ids", "text", "finish_reason"} for s in r["samples"])
         assert len({tuple(s["token_ids"]) for s in r["samples"]}) > 1
+
+
+def test_seeds_per_request_batch_invariant_and_printed(run_dir):
+    """Identical prompts get different samples; a request's output depends on --seed and its position
+    only (not on the other prompts); without --seed the drawn seed is printed and repeats the run."""
+    common = ["--ckpt", run_dir, "--temperature", 1.0, "--max-new-tokens", 10, "--ignore-eos", "--json"]
+    same = start(*common, "--prompt", "To be", "--prompt", "To be", "--seed", 5)
+    other = start(*common, "--prompt", "Once", "--prompt", "To be", "--seed", 5)
+    drawn = start(*common, "--prompt", "To be")
+    helped = start("--ckpt", run_dir, "--help")
+    runs = {}
+    for name, p in (("same", same), ("other", other), ("drawn", drawn), ("help", helped)):
+        code, out, err = finish(p)
+        assert code == 0, err
+        runs[name] = (out, err)
+    a, b = (r["token_ids"] for r in json.loads(runs["same"][0])["requests"])
+    assert a != b
+    assert json.loads(runs["other"][0])["requests"][1]["token_ids"] == b
+    doc = json.loads(runs["drawn"][0])
+    assert f"seed {doc['seed']}" in runs["drawn"][1]
+    code, out, err = finish(start(*common, "--prompt", "To be", "--seed", doc["seed"]))
+    assert code == 0 and json.loads(out)["requests"] == doc["requests"]
+    help_text = " ".join(runs["help"][0].split())
+    assert "(default: 128)" in help_text and "drawn at random and printed" in help_text
 
 
 def test_bad_input_gives_one_line_errors(run_dir, tmp_path):
