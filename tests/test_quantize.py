@@ -176,3 +176,11 @@ def test_quant_eval_runs_end_to_end(tmp_path):
     bad = subprocess.run(cmd[:2] + [str(tmp_path / "nowhere"), "--text", str(text)], capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_kernel_traces_as_one_op_under_torch_compile():
+    """The fake implementation lets torch.compile trace through the operator (fullgraph: no break)."""
+    layer = Int8Linear(torch.randn(30, 45))
+    x = torch.randn(3, 45)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
