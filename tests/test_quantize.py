@@ -184,3 +184,12 @@ def test_kernel_traces_as_one_op_under_torch_compile():
     x = torch.randn(3, 45)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_loads_beside_the_paged_attention_kernel():
+    """Both libraries add operators to torch.ops.small_llm; the int8 one (a fragment) may load first."""
+    code = ("from kernels import int8_linear_cpu, paged_attention_cpu\n"
+            "assert int8_linear_cpu.cpu_kernel_error() is None\n"
+            "assert paged_attention_cpu.cpu_kernel_error() is None\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
