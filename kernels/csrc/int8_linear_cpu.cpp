@@ -25,32 +25,32 @@
 
 namespace {
 
-// The vector type and the six operations the micro-kernel needs, per instruction set. -march=native
-// picks one at build time (the library is cached per CPU kind); the scalar fallback is W = 1.
+// The vector type and the six operations the micro-kernel needs. -march=native picks the instruction
+// set at build time (the library is cached per CPU kind): AVX-512 and AVX2 differ in the width W, the
+// intrinsics' prefix, how W int8 weights are loaded and the horizontal sum; the scalar fallback is W = 1.
 #if defined(__AVX512F__)
 constexpr int W = 16, MB = 4;  // 32 registers: 4 x 4 accumulators, 4 weights, 1 input
 using vec = __m512;
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vec vload(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+#define SIMD(op) _mm512_##op
+inline __m128i load_bytes(const int8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int W = 8, MB = 3;  // 16 registers: 3 x 4 accumulators, 4 weights (the input from memory)
 using vec = __m256;
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vec vload(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+#define SIMD(op) _mm256_##op
+inline __m128i load_bytes(const int8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
 inline float vsum(vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+#endif
+
+#ifdef SIMD
+inline vec vzero() { return SIMD(setzero_ps)(); }
+inline vec vload(const float* p) { return SIMD(loadu_ps)(p); }
+inline vec vload(const int8_t* p) { return SIMD(cvtepi32_ps)(SIMD(cvtepi8_epi32)(load_bytes(p))); }  // exact
+inline vec vfma(vec a, vec b, vec c) { return SIMD(fmadd_ps)(a, b, c); }
 #else
 constexpr int W = 1, MB = 4;
 using vec = float;
