@@ -1,0 +1,94 @@
+"""Build, cache and load one of our C++ CPU kernels (csrc/*.cpp) on first use.
+
+Each source is compiled with the C++ compiler in $CXX (default c++) and -march=native into
+$SMALL_LLM_CACHE (default ~/.cache/small-llm)/kernels, under a name keyed by the source, the build
+commands, the torch version and the CPU kind, so a changed kernel, a new torch or another machine
+sharing the home folder never loads a stale library. The library registers its operators under
+torch.ops.small_llm; the caller gives their fake (shape-only) implementations, which let
+torch.compile trace through them and keep each as one call.
+
+`load_once` never raises for a missing compiler or a failed build: it returns the one-line reason,
+and the caller falls back to its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+_lock = threading.Lock()  # one build at a time in a process; the atomic rename covers processes
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SMALL_LLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "small-llm"
+    return Path(root) / "kernels"
+
+
+def _build_commands(source: Path, obj: Path, lib: Path) -> list[list[str]]:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no OpenMP: one thread
+    # -ffast-math when compiling only: it lets reductions and exp loops vectorise (the kernels never
+    # rely on inf or NaN), and is kept off the link line, where GCC would add a start-up file that
+    # flushes denormals for the whole process.
+    compile_ = [cxx, "-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17", "-w", *openmp,
+                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *includes,
+                "-c", str(source), "-o", str(obj)]
+    libdir = cpp_extension.library_paths()[0]
+    link = [cxx, "-shared", *openmp, str(obj), "-o", str(lib), f"-L{libdir}", "-ltorch_cpu", "-lc10",
+            f"-Wl,-rpath,{libdir}"]
+    return [compile_, link]
+
+
+def _library_path(source: Path) -> Path:
+    key = hashlib.sha256()
+    key.update(source.read_bytes())
+    key.update(repr(_build_commands(source, Path("kernel.o"), Path("kernel.so"))).encode())
+    key.update(f"{torch.__version__} {platform.machine()} {torch.backends.cpu.get_cpu_capability()}".encode())
+    return _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+
+
+def _build(source: Path, lib: Path, what: str) -> None:
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building {what} into {lib.parent} (once, about 15 s)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        tmp_lib = Path(tmp) / lib.name
+        for cmd in _build_commands(source, Path(tmp) / "kernel.o", tmp_lib):
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise RuntimeError(f"no C++ compiler '{cmd[0]}' (install g++ or clang, or set CXX)") from None
+            if done.returncode:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+                raise RuntimeError(f"'{cmd[0]}' failed: {' | '.join(tail)}")
+        os.replace(tmp_lib, lib)  # atomic: a concurrent build or a crash never leaves half a library
+
+
+def load_once(state: dict, source: Path, what: str, fakes: dict[str, Callable]) -> str | None:
+    """Build `source` (if not cached on disk) and load it, once per `state` dict (the caller's
+    module-level memo); register the fake implementation of each operator named in `fakes`.
+    Returns the reason the kernel is unavailable, or None. `what` names it in the build message."""
+    with _lock:
+        if "error" not in state:
+            try:
+                lib = _library_path(source)
+                if not lib.exists():
+                    _build(source, lib, what)
+                torch.ops.load_library(str(lib))
+                for op, fake in fakes.items():
+                    torch.library.register_fake(op)(fake)
+                state["error"] = None
+            except (RuntimeError, OSError) as e:
+                state["error"] = str(e)
+        return state["error"]
