@@ -6,7 +6,7 @@ Layout under `<out_dir>/checkpoints/`:
         model.safetensors    weights (from the uncompiled module; loads without unpickling code)
         config.json          the resolved run config
         tokenizer.json
-        trainer_state.pt     optimizer, step, RNG states, data position (plain tensors and numbers)
+        trainer_state.pt     optimizer, RNG states, step, best val loss, time trained (plain tensors and numbers)
     latest -> step_0000500   symlinks, switched atomically once the folder is whole
     best   -> step_0000250
 

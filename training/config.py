@@ -13,6 +13,12 @@ from hydra.core.config_store import ConfigStore
 from data.config import DataConfig
 from model.config import ModelConfig
 
+from .errors import TrainConfigError
+
+PARALLEL_MODES = ("ddp", "fsdp")
+SCHEDULES = ("cosine", "wsd")
+WANDB_MODES = ("offline", "online", "disabled")
+
 
 @dataclass
 class TrainConfig:
@@ -66,6 +72,25 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     out_dir: str = "${hydra:runtime.output_dir}"  # checkpoints, metrics.jsonl and wandb files go here
     seed: int = 1337
+
+
+def check_train_config(cfg, model_cfg: ModelConfig, world_size: int) -> None:
+    """Options the typed config cannot check by itself (ranges, choices, relations), before any work."""
+    t = cfg.train
+    per_step = world_size * t.grad_accum
+    if t.batch_size % per_step:
+        raise TrainConfigError(f"train.batch_size ({t.batch_size}) must be divisible by processes x train.grad_accum "
+                               f"({world_size} x {t.grad_accum})")
+    if t.seq_len > model_cfg.max_seq_len:
+        raise TrainConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
+    if t.schedule not in SCHEDULES:
+        raise TrainConfigError(f"unknown train.schedule '{t.schedule}': choose cosine or wsd")
+    if t.parallel not in PARALLEL_MODES:
+        raise TrainConfigError(f"unknown train.parallel '{t.parallel}': choose one of {', '.join(PARALLEL_MODES)}")
+    if t.max_steps <= 0 or t.eval_every <= 0 or t.save_every <= 0 or t.log_every <= 0:
+        raise TrainConfigError("train.max_steps, train.eval_every, train.save_every and train.log_every must be positive")
+    if cfg.wandb.mode not in WANDB_MODES:
+        raise TrainConfigError(f"unknown wandb.mode '{cfg.wandb.mode}': choose offline, online or disabled")
 
 
 def register_configs() -> None:
