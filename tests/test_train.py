@@ -84,8 +84,11 @@ def test_checkpoint_contents_and_best(corpus, data_cache, tmp_path):
     out = tmp_path / "run"
     train.run(compose_config(tiny_overrides(corpus, data_cache, out) + ["model.tie_embeddings=true"]))
     root = out / "checkpoints"
-    names = sorted(p.name for p in root.iterdir())
-    assert names == ["best", "latest", "step_0000006"] or names == ["best", "latest", "step_0000003", "step_0000006"]
+    evals = {r["step"]: r["val_loss"] for r in metrics(out) if "val_loss" in r}
+    best = min(evals, key=evals.get)  # the lowest evaluation of the run's own log
+    assert best == 6  # (with these settings; the 6-step run improves to the end)
+    assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "step_0000006"]
+    assert os.readlink(root / "best") == os.readlink(root / "latest") == "step_0000006"
     ckpt = load_checkpoint(root / "latest")
     assert {p.name for p in ckpt.dir.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
                                                    "trainer_state.pt"}
@@ -113,14 +116,6 @@ def test_nan_loss_stops_and_keeps_checkpoint(corpus, data_cache, tmp_path, monke
     with pytest.raises(trainer.TrainingError, match="loss is nan at step 4.*step_0000003"):
         train.run(compose_config(tiny_overrides(corpus, data_cache, out)))
     assert load_checkpoint(out).trainer_state()["step"] == 3
-
-
-def test_time_budget_stops_and_saves(corpus, data_cache, tmp_path):
-    out = tmp_path / "budget"
-    summary = train.run(compose_config(tiny_overrides(corpus, data_cache, out) + ["train.max_steps=100000",
-                                                                                  "train.max_minutes=0.0001"]))
-    assert summary["final_step"] == 1
-    assert load_checkpoint(out).trainer_state()["step"] == 1
 
 
 def read_wandb_records(path: Path):
@@ -185,7 +180,7 @@ def test_wandb_offline_run_holds_metrics(corpus, data_cache, tmp_path, monkeypat
 
 def run_cli(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    with tempfile.TemporaryDirectory() as cwd:  # Hydra's own outputs/ folder lands there, not in the repo
+    with tempfile.TemporaryDirectory() as cwd:  # a default run folder (runs/...) would land there, not in the repo
         return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
                               text=True, env=env, timeout=300)
 
@@ -214,7 +209,7 @@ def test_cli_bad_data_inputs(corpus, data_cache, tmp_path):
     ]
     for extra, pattern in cases:
         assert_one_line_error(run_cli(*common, *extra), pattern)
-    assert not (tmp_path / "o").exists()  # nothing was written
+    assert not any((tmp_path / "o").iterdir())  # nothing was written (Hydra only created the folder)
 
 
 def test_cli_unknown_names_fail_clearly(tmp_path):

@@ -17,17 +17,18 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from data import DataError, TokenBatches, bits_per_byte, eval_batches, load_prepared, prepare
+from checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
+from data import DataError, TokenBatches, bits_per_byte, eval_batches, eval_text_size, load_prepared, prepare
 from model import Transformer
 
-from .config import check_train_config
+from .config import check_options, check_train_config
 from .distributed import (fail_together, forward_is_collective, full_state, gradient_sync, init_distributed,
-                          load_full_state, mean_across_ranks, sum_across_ranks, wrap_model)
-from .errors import TrainingError
+                          load_full_state, mean_across_ranks, shutdown, sum_across_ranks, wrap_model)
+from .errors import TrainConfigError, TrainingError
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at
 from .rng import capture_rng_state, restore_rng_state
+from .run_dir import claim_out_dir, record_config
 from .sample import sample_text
 
 
@@ -39,8 +40,14 @@ class Progress:
     elapsed_s: float = 0.0  # training time before this process started (earlier, resumed-from runs)
 
 
-def check_resume_compatible(saved: dict, current: dict) -> None:
-    """Resuming with another model or data would silently train something else: refuse."""
+# Options that change the numbers a step computes: a resume that changes one is no longer exact.
+EXACT_TRAIN_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay", "beta1",
+                    "beta2", "grad_clip", "grad_accum")
+
+
+def check_resume_compatible(saved: dict, current: dict) -> list[str]:
+    """Refuse a resume that would silently train something else (another model, data, batch shape); return
+    one note per change that makes it inexact (seed, optimizer, schedule) or longer (max_steps)."""
     for section in ("model", "data"):
         diff = sorted(k for k in set(saved[section]) | set(current[section])
                       if saved[section].get(k) != current[section].get(k) and k not in ("num_proc", "cache_dir"))
@@ -52,6 +59,34 @@ def check_resume_compatible(saved: dict, current: dict) -> None:
         if saved["train"][key] != current["train"][key]:
             raise CheckpointError(f"cannot resume: train.{key} was {saved['train'][key]}, now {current['train'][key]}; "
                                   "exact resume needs the same value")
+    changed = [f"seed: {saved['seed']} -> {current['seed']}"] if saved["seed"] != current["seed"] else []
+    changed += [f"train.{k}: {saved['train'][k]} -> {current['train'][k]}" for k in EXACT_TRAIN_KEYS
+                if saved["train"].get(k) != current["train"][k]]
+    notes = [f"resuming with {', '.join(changed)}: the run is no longer the exact continuation"] if changed else []
+    old, new = saved["train"]["max_steps"], current["train"]["max_steps"]
+    if old != new:
+        # "Train longer" (or shorter): the schedule is recomputed over the new max_steps from the step reached.
+        notes.append(f"train.max_steps {old} -> {new}: the LR schedule now spans {new} steps "
+                     f"(cosine: the LR rises to the new curve; wsd: the stable phase goes on, decay moves to the end)")
+    return notes
+
+
+def adopt_pretrained_config(cfg, pretrained, cli_overrides) -> None:
+    """train.init_from: the model is the checkpoint's (its config and tokenizer); a model option on the
+    command line that says otherwise is refused rather than silently ignored."""
+    saved = asdict(pretrained.config)
+    for arg in cli_overrides:
+        key, _, value = arg.lstrip("+~").partition("=")
+        field = "attention" if key == "attention" else key[6:] if key.startswith("model.") else None
+        if key == "model" or (field and field != "vocab_size" and str(saved.get(field)).lower() != value.lower()):
+            raise TrainConfigError(f"{arg} contradicts train.init_from={cfg.train.init_from} (the model comes from "
+                                   "the checkpoint, with its config): drop the model option")
+    if cfg.data.tokenizer_path not in (None, str(pretrained.tokenizer_path)):
+        raise TrainConfigError(f"data.tokenizer_path={cfg.data.tokenizer_path} contradicts train.init_from: the "
+                               "data is tokenized with the checkpoint's own tokenizer; drop data.tokenizer_path")
+    for key, value in saved.items():
+        cfg.model[key] = value
+    cfg.data.tokenizer_path = str(pretrained.tokenizer_path)
 
 
 def check_val_split(tokens, cfg, world_size: int) -> None:
@@ -64,16 +99,25 @@ def check_val_split(tokens, cfg, world_size: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg):
-        """Data, model, optimizer and logger; resumed from out_dir's latest checkpoint if train.resume."""
+    def __init__(self, cfg, cli_overrides: tuple = ()):
+        """Data, model, optimizer and logger; resumed from a checkpoint if train.resume, or started from
+        one's weights if train.init_from. `cli_overrides`: the command line's key=value pairs (init_from
+        refuses model options that contradict the checkpoint's)."""
+        try:
+            check_options(cfg)
+        except TrainConfigError as e:
+            e.reported_by = 0  # every rank sees the same options: rank 0 says it
+            raise
         self.cfg, self.info = cfg, init_distributed(cfg.train.device)
         self.device = self.info.device
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        ckpt = self._load_inputs()
+        ckpt, pretrained = self._load_inputs(cli_overrides)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.raw_model = Transformer(self.model_cfg, backend=cfg.attention.backend).to(self.device)
+        if pretrained is not None and ckpt is None:
+            self.raw_model.load_state_dict(pretrained.state_dict)  # before wrapping: FSDP shards what it finds
         self.model = wrap_model(self.raw_model, self.info, cfg.train.parallel)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device.type)
         self.progress = Progress()
@@ -83,11 +127,13 @@ class Trainer:
         # bf16 matmuls are slow on CPU: train in fp32 there.
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" \
             else contextlib.nullcontext
+        self.lock = None
         with fail_together(self.info):
             if self.info.is_main:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self.lock = claim_out_dir(self.out_dir, resume=ckpt is not None, overwrite=cfg.train.overwrite)
+                record_config(self.out_dir, cfg)
             self.logger = MetricsLogger(self.out_dir, self.config_dict, cfg.wandb, enabled=self.info.is_main,
-                                        resume_step=self.progress.step if cfg.train.resume else None)
+                                        resume_step=self.progress.step if ckpt is not None else None)
         self.logger.summary({"params": self.raw_model.num_params(),
                              "kv_bytes_per_token": self.model_cfg.kv_cache_bytes_per_token()})
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -95,35 +141,55 @@ class Trainer:
         self._last_log = (self.progress.step, self.started)  # (step, time) of the last logged step
         self.logged_tok_s = []  # tokens/s of each logged step, for the summary
 
-    def _load_inputs(self):
-        """Data, model config and the checkpoint to resume (None for a new run): everything that can
-        fail on bad input, checked on every rank before the first collective."""
+    def _load_inputs(self, cli_overrides):
+        """Data, model config, the checkpoint to resume and the one to start from (None, None for a new
+        run from scratch): everything that can fail on bad input, checked on every rank before the first
+        collective."""
         cfg, info = self.cfg, self.info
         # An error on any rank is raised on every rank, so none waits forever. Rank 0 builds the token
         # cache while the others wait, then they read it.
-        data_cfg = OmegaConf.to_object(cfg.data)
+        pretrained = None
         with fail_together(info):
+            if cfg.train.init_from:
+                pretrained = load_pretrained(cfg.train.init_from)
+                adopt_pretrained_config(cfg, pretrained, cli_overrides)
+            data_cfg = OmegaConf.to_object(cfg.data)
             if info.is_main:
                 self.data = prepare(data_cfg)
         ckpt = None
         with fail_together(info):
             if not info.is_main:
                 self.data = load_prepared(prepare(data_cfg).dir)
-            cfg.model.vocab_size = self.data.vocab_size
+            if pretrained is None:
+                cfg.model.vocab_size = self.data.vocab_size
+            elif self.data.vocab_size > pretrained.config.vocab_size:
+                raise DataError(f"the tokenizer of {pretrained.dir} has {self.data.vocab_size} ids but the model "
+                                f"only {pretrained.config.vocab_size}: the checkpoint is inconsistent")
             self.model_cfg = OmegaConf.to_object(cfg.model)  # validates: raises ConfigError on inconsistent dims
             check_train_config(cfg, self.model_cfg, info.world_size)
             self.config_dict = OmegaConf.to_container(cfg, resolve=True)
             self.batches = TokenBatches(self.data.train, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
                                         info.rank, info.world_size)
             check_val_split(self.data.val, cfg, info.world_size)
+            self.eval_tokens, self.eval_bytes = eval_text_size(self.data.val, self.data.tokenizer, cfg.train.seq_len,
+                                                               cfg.train.batch_size, cfg.train.eval_batches)
             if cfg.train.resume:
-                if not (self.ckpt_root / "latest").exists():
-                    raise CheckpointError(f"train.resume=true but there is no checkpoint in {self.ckpt_root}: "
-                                          "point out_dir at the run to continue, or drop train.resume")
-                ckpt = load_checkpoint(self.ckpt_root / "latest")
-                check_resume_compatible(ckpt.config, self.config_dict)
+                ckpt = self._checkpoint_to_resume()
+                notes = check_resume_compatible(ckpt.config, self.config_dict)
                 self._resume_state = ckpt.trainer_state()
-        return ckpt
+                if info.is_main and notes:
+                    print("note: " + "; ".join(notes))
+        return ckpt, pretrained
+
+    def _checkpoint_to_resume(self):
+        """train.resume=true: out_dir's latest checkpoint; train.resume=PATH: that checkpoint or run folder."""
+        resume = self.cfg.train.resume
+        if resume is True:
+            if not (self.ckpt_root / "latest").exists():
+                raise CheckpointError(f"train.resume=true but there is no checkpoint in {self.ckpt_root}: "
+                                      "point out_dir at the run to continue, or drop train.resume")
+            return load_checkpoint(self.ckpt_root / "latest")
+        return load_checkpoint(resume)
 
     def _resume(self, ckpt) -> None:
         state = self._resume_state
@@ -152,18 +218,26 @@ class Trainer:
                 _, loss = self.fwd_model(xm, ym)
                 (loss / micro).backward()
             loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # The global gradient norm, clipped to grad_clip (inf: measured, not clipped). A NaN or inf here
+        # would poison the weights even with a finite loss: stop before the optimizer applies it.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         train_loss = mean_across_ranks(loss_sum / micro, self.info).item()
-        if not math.isfinite(train_loss):
-            latest = (self.ckpt_root / "latest").resolve() if (self.ckpt_root / "latest").exists() else None
-            raise TrainingError(f"loss is {train_loss} at step {step}; stopped without saving "
-                                f"({'last good checkpoint: ' + str(latest) if latest else 'no checkpoint was saved'}). "
-                                "Lower train.lr or raise train.warmup_steps, then resume")
+        self._stop_if_diverged("loss", train_loss)
+        self._stop_if_diverged("gradient norm", grad_norm.item())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
-        return {"train_loss": train_loss, "lr": lr}
+        return {"train_loss": train_loss, "grad_norm": grad_norm.item(), "lr": lr}
+
+    def _stop_if_diverged(self, what: str, value: float) -> None:
+        """A non-finite loss, gradient norm or val loss ends the run without saving: the last checkpoint is good."""
+        if math.isfinite(value):
+            return
+        latest = (self.ckpt_root / "latest").resolve() if (self.ckpt_root / "latest").exists() else None
+        raise TrainingError(f"{what} is {value} at step {self.progress.step}; stopped without saving "
+                            f"({'last good checkpoint: ' + str(latest) if latest else 'no checkpoint was saved'}). "
+                            "Lower train.lr or raise train.warmup_steps, then resume")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -181,11 +255,11 @@ class Trainer:
                 _, loss = self.fwd_model(x.to(self.device), y.to(self.device))
             total += loss.double() * y.numel()
         self.fwd_model.train()
-        val_loss = (sum_across_ranks(total, info) / max(count, 1)).item()
-        meta = self.data.meta
+        val_loss = (sum_across_ranks(total, info) / count).item()
+        self._stop_if_diverged("val loss", val_loss)
         record = {"step": step, "tokens": step * self.tokens_per_step, "val_loss": val_loss,
                   "val_ppl": math.exp(min(val_loss, 50)),
-                  "val_bpb": bits_per_byte(val_loss, meta["n_val_tokens"], meta["n_val_bytes"]),
+                  "val_bpb": bits_per_byte(val_loss, self.eval_tokens, self.eval_bytes),
                   "elapsed_s": self.elapsed()}
         # Under FSDP every forward all-gathers weights: all ranks sample (the same text); rank 0 logs it.
         if cfg.train.sample_tokens > 0 and (info.is_main or forward_is_collective(self.raw_model)):
@@ -204,6 +278,9 @@ class Trainer:
         path = None
         with fail_together(self.info):  # the others wait for rank 0's write; if it fails, every rank stops
             if self.info.is_main:
+                bad = [name for name, t in model_state.items() if not torch.isfinite(t).all()]
+                if bad:  # a last guard: the checks on loss and gradients should have stopped the run before
+                    raise TrainingError(f"not saving step {self.progress.step}: non-finite weights in {bad[0]}")
                 trainer_state = {"optimizer": optim_state, "rng": capture_rng_state(),
                                  **asdict(self.progress), "elapsed_s": self.elapsed()}
                 path = save_checkpoint(self.ckpt_root, self.progress.step, model_state, trainer_state,
@@ -227,9 +304,24 @@ class Trainer:
         """One line: what is trained, where, on how much data."""
         info, cfg = self.info, self.cfg
         where = f" x {info.world_size} ({cfg.train.parallel})" if info.distributed else ""
+        dtype, size = ("bfloat16", 2) if self.device.type == "cuda" else ("float32", 4)  # see self.autocast
         return (f"model: {cfg.model.attention}, {self.raw_model.num_params() / 1e6:.2f}M parameters, "
-                f"{self.model_cfg.kv_cache_bytes_per_token()} KV bytes/token (bf16) | device {self.device}{where} | "
+                f"KV cache {self.model_cfg.kv_cache_bytes_per_token(size):,} bytes/token in {dtype} | "
+                f"device {self.device}{where} | "
                 f"{self.data.meta['n_train_tokens']:,} train tokens | out_dir {self.out_dir}")
+
+    def prompt_hint(self) -> str:
+        """A prompt that fits the data: the first line of the validation text (for the `try it:` line)."""
+        text = self.data.tokenizer.decode(self.data.val[:64].tolist(), skip_special_tokens=True)
+        line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        return line[:40] or "The"
+
+    def close(self) -> None:
+        """Release out_dir (another run may use it now) and leave the process group."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+        shutdown(self.info)
 
     def finish(self, last_eval) -> dict:
         """The run's summary (to wandb and returned); closes the logger."""
