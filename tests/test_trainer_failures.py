@@ -124,6 +124,12 @@ def test_try_it_line_runs_as_printed(corpus, data_cache, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # Everything the run wrote is in out_dir (Hydra's record included); nothing beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert (out / ".hydra" / "config.yaml").is_file() and not (out / "train.log").exists()
+    # KV cache size in one unit, for the dtype the model computes in (fp32 on CPU): 2 (K and V) x kv heads x
+    # head_dim x layers x 4 bytes, by hand from the tiny overrides (dim 32, 4 heads, 2 kv heads, 2 layers).
+    assert f"KV cache {2 * 2 * (32 // 4) * 2 * 4:,} bytes/token in float32" in proc.stdout
     line = next(line for line in proc.stdout.splitlines() if line.startswith("try it:"))
     argv = shlex.split(line[len("try it:"):])
     prompt = argv[argv.index("--prompt") + 1]
@@ -132,6 +138,24 @@ def test_try_it_line_runs_as_printed(corpus, data_cache, tmp_path):
     gen = subprocess.run(argv + ["--max-new-tokens", "4"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert gen.returncode == 0 and prompt in gen.stdout, gen.stderr[-2000:]
+
+
+def test_help_shows_every_option_with_its_meaning(tmp_path):
+    from dataclasses import fields
+
+    from training.config import TrainConfig
+
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and list(tmp_path.iterdir()) == [], proc.stderr[-2000:]
+    for f in fields(TrainConfig):
+        assert f"  train.{f.name} = " in proc.stdout, f.name
+    for key, meaning in [("train.max_steps", "optimizer steps; the LR schedule spans these"),
+                         ("train.grad_clip", "max global gradient norm; 0 disables clipping"),
+                         ("model.n_kv_heads", "key/value heads"), ("data.val_path", "Optional separate validation text"),
+                         ("wandb.mode", "offline (no account needed")]:
+        after = proc.stdout.split(f"  {key} = ", 1)[1]
+        assert meaning in after.split("\n  ", 2)[1], (key, after[:300])  # the line(s) under the key
 
 
 # ---- non-finite numbers never reach a checkpoint --------------------------------------------------
