@@ -88,12 +88,14 @@ def loop(t: Trainer, signals: StopOnSignal) -> dict:
                 bar.set_postfix(loss=f"{stats['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
         if bar is not None:
             bar.update(1)
-        # Each rank has its own clock and signals: stop together, or the others would wait forever.
-        out_of_time = c.max_minutes is not None and t.elapsed() >= c.max_minutes * 60
-        if any_rank(out_of_time or signals.requested is not None, t.info):
-            stopped_by = signals.requested or f"train.max_minutes={c.max_minutes}"
+        # Each rank has its own clock and signals: decide together, or the others would wait forever.
+        signalled = any_rank(signals.requested is not None, t.info)
+        out_of_time = c.max_minutes is not None and any_rank(t.elapsed() >= c.max_minutes * 60, t.info)
+        if signalled or out_of_time:
+            stopped_by = (signals.requested or "a signal to another process") if signalled else \
+                f"train.max_minutes={c.max_minutes}"
         done = step == c.max_steps or stopped_by is not None
-        if step % c.eval_every == 0 or (done and signals.requested is None):  # a signal wants out quickly
+        if step % c.eval_every == 0 or (done and not signalled):  # a signal wants out quickly: save only
             last_eval = t.evaluate()
             if bar is not None:
                 bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, bits/byte {last_eval['val_bpb']:.4f}")
@@ -124,8 +126,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def hydra_files_in_out_dir(argv: list[str]) -> list[str]:
-    """Hydra writes its files (.hydra/, train.log) into its run folder before the run starts: when the
-    command line names an out_dir, check it and make it that folder, so nothing lands anywhere else."""
+    """Hydra creates its run folder before the run starts: when the command line names an out_dir, check
+    it and make it that folder, so nothing is created anywhere else."""
     out_dir = next((a.partition("=")[2] for a in argv if a.startswith("out_dir=")), None)
     if out_dir is None or any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
