@@ -55,8 +55,8 @@ def bits_per_byte(loss_nats: float, n_tokens: int, n_bytes: int) -> float:
     """Convert a mean per-token loss (nats) into bits per UTF-8 byte of text.
 
     Unlike loss, comparable across tokenizers: total nats = loss * n_tokens, spread over
-    n_bytes bytes, divided by ln 2 for bits. Use the split's meta counts (EOT tokens count as
-    tokens but add no bytes).
+    n_bytes bytes, divided by ln 2 for bits. n_tokens and n_bytes must describe the same text the
+    loss was measured on (loader.eval_text_size; EOT tokens count as tokens but add no bytes).
     """
     return loss_nats * n_tokens / (n_bytes * math.log(2))
 

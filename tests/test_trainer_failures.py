@@ -5,7 +5,6 @@ trainer does not compute itself: the logged metrics, an uninterrupted run, the f
 command it printed, run as printed."""
 
 import errno
-import json
 import math
 import os
 import re
@@ -329,7 +328,10 @@ def test_resume_from_a_checkpoint_path_and_notes_on_changes(corpus, data_cache, 
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1
     assert "train.lr: 0.002 -> 0.001: the run is no longer the exact continuation" in notes[0]
-    assert "train.max_steps 6 -> 8: the LR schedule now spans 8 steps" in notes[0]
+    # The LR by hand: cosine after 2 warmup steps, to 10% of the peak at max_steps (6 before, 8 now).
+    cosine = lambda step, n, lr: lr * 0.1 + 0.5 * (lr - lr * 0.1) * (1 + math.cos(math.pi * (step - 2) / (n - 2)))  # noqa: E731
+    assert f"train.max_steps 6 -> 8: the LR schedule now spans 8 steps (LR at step 6: " \
+           f"{cosine(6, 6, 2e-3):.3g} -> {cosine(6, 8, 1e-3):.3g})" in notes[0]
 
 
 def test_time_budget_stops_and_saves(corpus, data_cache, tmp_path, monkeypatch):

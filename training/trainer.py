@@ -13,6 +13,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
@@ -45,7 +46,7 @@ EXACT_TRAIN_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fra
                     "beta2", "grad_clip", "grad_accum")
 
 
-def check_resume_compatible(saved: dict, current: dict) -> list[str]:
+def check_resume_compatible(saved: dict, current: dict, step: int) -> list[str]:
     """Refuse a resume that would silently train something else (another model, data, batch shape); return
     one note per change that makes it inexact (seed, optimizer, schedule) or longer (max_steps)."""
     for section in ("model", "data"):
@@ -65,9 +66,11 @@ def check_resume_compatible(saved: dict, current: dict) -> list[str]:
     notes = [f"resuming with {', '.join(changed)}: the run is no longer the exact continuation"] if changed else []
     old, new = saved["train"]["max_steps"], current["train"]["max_steps"]
     if old != new:
-        # "Train longer" (or shorter): the schedule is recomputed over the new max_steps from the step reached.
+        # "Train longer" (or shorter): the schedule is recomputed over the new max_steps, from the step reached
+        # (wsd stays in its stable phase if it had not begun to decay; cosine moves to the longer curve).
+        was, now = (lr_at(step, SimpleNamespace(**c["train"])) for c in (saved, current))
         notes.append(f"train.max_steps {old} -> {new}: the LR schedule now spans {new} steps "
-                     f"(cosine: the LR rises to the new curve; wsd: the stable phase goes on, decay moves to the end)")
+                     f"(LR at step {step}: {was:.3g} -> {now:.3g})")
     return notes
 
 
@@ -175,8 +178,8 @@ class Trainer:
                                                                cfg.train.batch_size, cfg.train.eval_batches)
             if cfg.train.resume:
                 ckpt = self._checkpoint_to_resume()
-                notes = check_resume_compatible(ckpt.config, self.config_dict)
                 self._resume_state = ckpt.trainer_state()
+                notes = check_resume_compatible(ckpt.config, self.config_dict, self._resume_state["step"])
                 if info.is_main and notes:
                     print("note: " + "; ".join(notes))
         return ckpt, pretrained
