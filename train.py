@@ -121,6 +121,9 @@ def main(cfg: DictConfig) -> None:
         if reports_error(e):  # under torchrun: an error that every rank raised is printed once
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before the first step, or a second Ctrl-C: stop at once
+        print("interrupted: stopped without saving; the last checkpoint, if any, is intact", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     if summary["stopped_by"] in ("SIGINT", "SIGTERM"):  # saved, but not finished: say so to the shell
         sys.exit(128 + signal.Signals[summary["stopped_by"]])
 

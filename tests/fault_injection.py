@@ -11,7 +11,8 @@ FAULT_STOP_AT_STEP=N         every rank stops when step N is done (logged, evalu
 FAULT_STOP_IN_SAVE_AT_STEP=N rank 0 stops while writing checkpoint N, with model.safetensors already
                              in .tmp-step_N and the other files not yet written
 FAULT_SIGNAL_AT_STEP=N       every rank (or only rank FAULT_SIGNAL_RANK) sends itself FAULT_SIGNAL (SIGINT or
-                             SIGTERM) as step N+1 starts, as Ctrl-C or a scheduler's preemption would
+                             SIGTERM) as step N+1 starts, as Ctrl-C or a scheduler's preemption would;
+                             FAULT_SIGNAL_COUNT times (default 1)
 A stopped rank sleeps until the test sends it SIGKILL.
 """
 
@@ -53,7 +54,8 @@ if "FAULT_SIGNAL_AT_STEP" in os.environ:
 
     def lr_at(step, cfg):
         if step == signal_step and int(os.environ.get("FAULT_SIGNAL_RANK", RANK)) == RANK:
-            os.kill(os.getpid(), signal.Signals[os.environ["FAULT_SIGNAL"]])
+            for _ in range(int(os.environ.get("FAULT_SIGNAL_COUNT", "1"))):  # 2: a second Ctrl-C
+                os.kill(os.getpid(), signal.Signals[os.environ["FAULT_SIGNAL"]])
         return real_lr_at_(step, cfg)
 
     training.optim.lr_at = lr_at

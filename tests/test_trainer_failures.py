@@ -117,6 +117,19 @@ def test_signal_saves_and_prints_a_working_resume_command(sig, corpus, data_cach
         [r["val_loss"] for r in metrics(straight) if "val_loss" in r][-1]
 
 
+def test_second_ctrl_c_aborts_at_once_in_one_line(corpus, data_cache, tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "fault").mkdir()
+    env = {**os.environ, "WANDB_MODE": "disabled", "FAULT_DIR": str(tmp_path / "fault"), "FAULT_SIGNAL_AT_STEP": "4",
+           "FAULT_SIGNAL": "SIGINT", "FAULT_SIGNAL_COUNT": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_injection.py"),
+                           *tiny_overrides(corpus, data_cache, out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("interrupted: stopped without saving")
+    assert links(out)["latest"] == "step_0000003"  # the aborted step 5 was not saved; step 3 is intact
+
+
 def test_try_it_line_runs_as_printed(corpus, data_cache, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(corpus, data_cache, out)],
