@@ -13,6 +13,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# Writes everything into runs/<date>/<time>/ (or ARGS="out_dir=..."); see README, Training.
 train: setup
 	$(PY) train.py $(ARGS)
 

@@ -6,7 +6,7 @@ Layout under `<out_dir>/checkpoints/`:
         model.safetensors    weights (from the uncompiled module; loads without unpickling code)
         config.json          the resolved run config
         tokenizer.json
-        trainer_state.pt     optimizer, step, RNG states, data position (plain tensors and numbers)
+        trainer_state.pt     optimizer, RNG states, step, best val loss, time trained (plain tensors and numbers)
     latest -> step_0000500   symlinks, switched atomically once the folder is whole
     best   -> step_0000250
 
@@ -75,12 +75,13 @@ def save_checkpoint(root: Path, step: int, model_state: dict, trainer_state: dic
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
-    except OSError as e:  # e.g. the disk is full: nothing visible changed
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, RuntimeError) as e:  # e.g. the disk is full (torch.save says so with a RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing visible changed, and the space is given back
         latest = root / "latest"
         kept = f"the last complete checkpoint {latest.resolve()} is intact" if latest.exists() else \
             "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); {kept}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {final} ({reason}); {kept}; free space and resume") from None
     if final.exists():
         # The same step written again: after a crash between this rename and the `latest` switch
         # below (`latest` still points at an older checkpoint), or by a new run in an old out_dir.

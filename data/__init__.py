@@ -12,7 +12,7 @@ import importlib
 
 _EXPORTS = {
     "DataConfig": "config", "EOT": "config", "DataError": "errors", "TokenBatches": "loader",
-    "eval_batches": "loader", "prepare": "pipeline", "load_prepared": "pipeline", "PreparedData": "pipeline",
+    "eval_batches": "loader", "eval_text_size": "loader", "prepare": "pipeline", "load_prepared": "pipeline", "PreparedData": "pipeline",
     "bits_per_byte": "pipeline", "load_documents": "sources",
 }
 __all__ = list(_EXPORTS)

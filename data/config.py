@@ -32,7 +32,8 @@ class DataConfig:
     name: Optional[str] = None
     # hf: the dataset config (subset), e.g. "wikitext-2-raw-v1"; None for the default.
     config_name: Optional[str] = None
-    # hf: which split to read; train/val are then carved out of it by data.val_fraction.
+    # hf: which split to read; train/val are then carved out of it by data.val_fraction, unless the
+    # dataset is a local DatasetDict folder with its own "validation" split: that split is then used.
     split: str = "train"
     # hf and .jsonl: the column holding the document text.
     text_column: str = "text"

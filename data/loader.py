@@ -53,6 +53,14 @@ class TokenBatches:
         return _windows(self.tokens, starts[lo:lo + self.local_batch_size], self.seq_len)
 
 
+def _eval_layout(n_tokens: int, seq_len: int, batch_size: int, max_batches: Optional[int]) -> tuple[int, int]:
+    """(rows per batch, number of batches) of the evaluation windows of a split of n_tokens."""
+    n_windows = (n_tokens - 1) // seq_len
+    rows = min(batch_size, n_windows)
+    n_batches = n_windows // rows
+    return rows, n_batches if max_batches is None else min(n_batches, max_batches)
+
+
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
                  max_batches: Optional[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed, non-overlapping consecutive windows from the start of the split (the same every eval).
@@ -60,14 +68,22 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
     Window i has inputs tokens[i*T:(i+1)*T] and targets shifted by one, so each token is scored at
     most once. Batches hold batch_size windows (max_batches of them, None = all that fit); a split too
     short for one full batch gives one smaller batch. Under data parallelism every rank reads the same
-    batches and scores its share of the rows (train.evaluate), so the loss does not depend on the
+    batches and scores its share of the rows (Trainer.evaluate), so the loss does not depend on the
     number of processes.
     """
     _check(tokens, seq_len, batch_size, 0, 1)
-    n_windows = (len(tokens) - 1) // seq_len
-    rows = min(batch_size, n_windows)
-    n_batches = n_windows // rows
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
+    rows, n_batches = _eval_layout(len(tokens), seq_len, batch_size, max_batches)
     for b in range(n_batches):
         yield _windows(tokens, (b * rows + np.arange(rows)) * seq_len, seq_len)
+
+
+def eval_text_size(tokens: np.ndarray, tokenizer, seq_len: int, batch_size: int,
+                   max_batches: Optional[int]) -> tuple[int, int]:
+    """(tokens, UTF-8 bytes) that eval_batches scores: its targets are the consecutive tokens[1 : n + 1].
+
+    Bits per byte divides the loss on these tokens by the bytes of their text (EOT adds none), so two
+    tokenizers are compared on the same text, not on split-wide averages."""
+    _check(tokens, seq_len, batch_size, 0, 1)
+    rows, n_batches = _eval_layout(len(tokens), seq_len, batch_size, max_batches)
+    n = rows * n_batches * seq_len
+    return n, len(tokenizer.decode(np.asarray(tokens[1:n + 1]).tolist(), skip_special_tokens=True).encode("utf-8"))

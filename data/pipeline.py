@@ -55,8 +55,8 @@ def bits_per_byte(loss_nats: float, n_tokens: int, n_bytes: int) -> float:
     """Convert a mean per-token loss (nats) into bits per UTF-8 byte of text.
 
     Unlike loss, comparable across tokenizers: total nats = loss * n_tokens, spread over
-    n_bytes bytes, divided by ln 2 for bits. Use the split's meta counts (EOT tokens count as
-    tokens but add no bytes).
+    n_bytes bytes, divided by ln 2 for bits. n_tokens and n_bytes must describe the same text the
+    loss was measured on (loader.eval_text_size; EOT tokens count as tokens but add no bytes).
     """
     return loss_nats * n_tokens / (n_bytes * math.log(2))
 
@@ -117,10 +117,11 @@ def prepare(cfg) -> PreparedData:
     out = Path(os.path.expanduser(cfg.cache_dir)).resolve() / f"{cfg.source}-{key[:16]}"
     if (out / "meta.json").is_file():
         return load_prepared(out)  # cache hit: nothing to do
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
         _build(cfg, inputs, key, tmp)
         try:
             os.rename(tmp, out)
@@ -128,8 +129,12 @@ def prepare(cfg) -> PreparedData:
             if not (out / "meta.json").is_file():
                 raise
             shutil.rmtree(tmp)  # another process finished the same build first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+        if isinstance(e, OSError):
+            raise DataError(f"could not write the token cache in {out.parent} ({e.strerror or e}); "
+                            "free space or point data.cache_dir elsewhere") from None
         raise
     return load_prepared(out)
 

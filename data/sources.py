@@ -18,6 +18,7 @@ from .errors import DataError
 TEXT_SUFFIXES = (".txt", ".md")           # one file = one document
 JSON_SUFFIXES = (".jsonl", ".json")       # one line = one document
 HASH_LIMIT = 64 << 20                     # hash contents of files up to 64 MiB, else path+size+mtime
+VALIDATION_SPLIT = "validation"           # a DatasetDict's own held-out split, used when present
 
 
 # ----------------------------------------------------------------------------- local files
@@ -125,9 +126,23 @@ def _is_saved_to_disk(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _load_hf(cfg) -> datasets.Dataset:
+def own_validation_split(cfg) -> Optional[str]:
+    """The validation split of a local DatasetDict folder (save_to_disk) that has one, used instead of
+    carving validation out of data.split; None otherwise, or when data.val_path is given."""
+    local = Path(os.path.expanduser(cfg.name or ""))
+    if cfg.source != "hf" or cfg.val_path or not (local / "dataset_dict.json").is_file():
+        return None
+    import json
+
+    splits = json.loads((local / "dataset_dict.json").read_text()).get("splits", [])
+    return VALIDATION_SPLIT if VALIDATION_SPLIT in splits and cfg.split != VALIDATION_SPLIT else None
+
+
+def _load_hf(cfg) -> tuple[datasets.Dataset, Optional[datasets.Dataset]]:
+    """(documents of data.split, the dataset's own validation documents or None)."""
     where = f"data.name={cfg.name!r}"
     local = Path(os.path.expanduser(cfg.name))
+    val = None
     try:
         if local.is_dir() and _is_saved_to_disk(local):
             # A folder written by save_to_disk, which load_dataset refuses to read.
@@ -136,6 +151,8 @@ def _load_hf(cfg) -> datasets.Dataset:
                 if cfg.split not in ds:
                     raise DataError(f"{where} has no split {cfg.split!r} (splits: {', '.join(ds)}); "
                                     f"set data.split")
+                if own_validation_split(cfg):
+                    val = _text_of(ds[VALIDATION_SPLIT], cfg.text_column, f"{where} split {VALIDATION_SPLIT!r}")
                 ds = ds[cfg.split]
             if cfg.streaming:
                 ds = ds.to_iterable_dataset()
@@ -159,8 +176,8 @@ def _load_hf(cfg) -> datasets.Dataset:
             raise DataError(f"{where} has no column {cfg.text_column!r} (columns: {', '.join(columns)}); "
                             f"set data.text_column")
         texts = [ex[cfg.text_column] for ex in ds.take(cfg.max_documents)]
-        return datasets.Dataset.from_dict({"text": texts})
-    return _text_of(ds, cfg.text_column, where)
+        return datasets.Dataset.from_dict({"text": texts}), val
+    return _text_of(ds, cfg.text_column, where), val
 
 
 def _local_tree_fingerprint(path: Path) -> list[dict]:
@@ -190,8 +207,13 @@ def source_fingerprint(cfg) -> dict:
         local = Path(os.path.expanduser(cfg.name))
         if local.exists():  # a Hub dataset is identified by name only (no revision offline)
             fp["local_files"] = _local_tree_fingerprint(local)
+        fp["val_split"] = own_validation_split(cfg)
     if cfg.val_path:
         val_files = resolve_files(cfg.val_path, "data.val_path")
+        shared = sorted(set(files) & set(val_files)) if cfg.source == "text" else []
+        if shared:
+            raise DataError(f"data.path and data.val_path share {len(shared)} file(s), e.g. {shared[0]}: the "
+                            "validation text would be trained on; keep the two apart")
         fp["val_files"] = fingerprint_files(val_files)
         if any(f.suffix.lower() in JSON_SUFFIXES for f in val_files):
             fp["text_column"] = cfg.text_column
@@ -210,6 +232,8 @@ def describe(cfg) -> str:
         desc += f" first {cfg.max_documents} documents"
     if cfg.val_path:
         desc += f", val {cfg.val_path}"
+    elif own_validation_split(cfg):
+        desc += f", val = its own {VALIDATION_SPLIT!r} split"
     return desc
 
 
@@ -223,6 +247,7 @@ def _has_text(ds: datasets.Dataset) -> bool:
 def load_documents(cfg) -> tuple[datasets.Dataset, Optional[datasets.Dataset]]:
     """(main documents, separate validation documents or None), each a Dataset with column "text"."""
     check_config(cfg)
+    val = None
     if cfg.source == "shakespeare":
         docs = _load_shakespeare()
     elif cfg.source == "text":
@@ -230,13 +255,12 @@ def load_documents(cfg) -> tuple[datasets.Dataset, Optional[datasets.Dataset]]:
         fingerprint_files(files)  # UTF-8 check naming the bad file
         docs = load_files(files, cfg.text_column, "data.path")
     else:
-        docs = _load_hf(cfg)
+        docs, val = _load_hf(cfg)
     if cfg.max_documents is not None and len(docs) > cfg.max_documents:
         docs = docs.select(range(cfg.max_documents))
     if len(docs) == 0 or not _has_text(docs):
         raise DataError(f"the corpus is empty: {describe(cfg)} gave no text; check data.path / data.name "
                         f"/ data.text_column")
-    val = None
     if cfg.val_path:
         files = resolve_files(cfg.val_path, "data.val_path")
         fingerprint_files(files)

@@ -10,11 +10,15 @@ FAULT_STOP_AT_STEP=N         every rank stops when step N is done (logged, evalu
                              step N+1 is about to start: a kill then lands in the middle of training
 FAULT_STOP_IN_SAVE_AT_STEP=N rank 0 stops while writing checkpoint N, with model.safetensors already
                              in .tmp-step_N and the other files not yet written
+FAULT_SIGNAL_AT_STEP=N       every rank (or only rank FAULT_SIGNAL_RANK) sends itself FAULT_SIGNAL (SIGINT or
+                             SIGTERM) as step N+1 starts, as Ctrl-C or a scheduler's preemption would;
+                             FAULT_SIGNAL_COUNT times (default 1)
 A stopped rank sleeps until the test sends it SIGKILL.
 """
 
 import os
 import runpy
+import signal
 import sys
 import time
 from pathlib import Path
@@ -44,6 +48,17 @@ if "FAULT_STOP_AT_STEP" in os.environ:
         return real_lr_at(step, cfg)
 
     training.optim.lr_at = lr_at  # before train.py runs its `from training.optim import lr_at`
+
+if "FAULT_SIGNAL_AT_STEP" in os.environ:
+    signal_step, real_lr_at_ = int(os.environ["FAULT_SIGNAL_AT_STEP"]), training.optim.lr_at
+
+    def lr_at(step, cfg):
+        if step == signal_step and int(os.environ.get("FAULT_SIGNAL_RANK", RANK)) == RANK:
+            for _ in range(int(os.environ.get("FAULT_SIGNAL_COUNT", "1"))):  # 2: a second Ctrl-C
+                os.kill(os.getpid(), signal.Signals[os.environ["FAULT_SIGNAL"]])
+        return real_lr_at_(step, cfg)
+
+    training.optim.lr_at = lr_at
 
 if "FAULT_STOP_IN_SAVE_AT_STEP" in os.environ:
     save_step, real_save_file = int(os.environ["FAULT_STOP_IN_SAVE_AT_STEP"]), checkpoint.store.save_file

@@ -83,6 +83,22 @@ def test_sigkill_mid_checkpoint_then_resume_on_two_processes(corpus, data_cache,
     assert not list(root.glob(".tmp*")) and os.readlink(root / "latest") == "step_0000006"
 
 
+@pytest.mark.slow
+def test_signal_to_one_rank_stops_all_after_the_same_step(corpus, data_cache, reference_run, tmp_path):
+    """SIGTERM reaches only rank 1 (of 2, DDP): both ranks finish the step, save it, and stop; the run
+    then resumes on 1 process to the uninterrupted run's losses."""
+    out = tmp_path / "run"
+    args = overrides(corpus, data_cache, out)
+    (tmp_path / "fault").mkdir()
+    proc = finish(launch(args, 2, tmp_path, script=FAULTS,
+                         env={"FAULT_DIR": str(tmp_path / "fault"), "FAULT_SIGNAL_AT_STEP": "4",
+                              "FAULT_SIGNAL": "SIGTERM", "FAULT_SIGNAL_RANK": "1"}))
+    assert "stopped by a signal to another process at step 5" in proc.stdout, proc.stderr[-3000:]
+    assert load_checkpoint(out).trainer_state()["step"] == 5
+    train.run(compose_config(args + ["train.resume=true"]))
+    assert_same_run(out, reference_run)
+
+
 # ---- the checkpoint writer itself ------------------------------------------------------------------
 
 def write(root: Path, step: int, tokenizer: Path, **kw) -> Path:

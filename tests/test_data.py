@@ -152,6 +152,26 @@ def test_val_path(tmp_path):
     assert split_docs(d, "val") == [val_text]
 
 
+def test_val_path_sharing_files_with_path_is_refused(tmp_path):
+    write_folder(tmp_path / "corpus", n=3)
+    shared = next(f for f in sorted((tmp_path / "corpus").rglob("*.txt")) if not f.name.startswith("."))
+    with pytest.raises(DataError, match=r"data.path and data.val_path share 1 file\(s\), e.g. .*trained on"):
+        prepare(cfg(tmp_path, source="text", path=str(tmp_path / "corpus"), val_path=str(shared)))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_dataset_dict_with_its_own_validation_split(tmp_path):
+    train_texts = [make_text(500 + i, n_lines=4) for i in range(8)]
+    val_texts = [make_text(600 + i, n_lines=4) for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train_texts}),
+                          "validation": datasets.Dataset.from_dict({"text": val_texts})}).save_to_disk(
+        str(tmp_path / "dd"))
+    d = prepare(cfg(tmp_path, source="hf", name=str(tmp_path / "dd")))
+    assert split_docs(d, "train") == train_texts  # all of train is trained on
+    assert split_docs(d, "val") == val_texts  # the dataset's own validation split, not a carve-out
+    assert "its own 'validation' split" in d.meta["source"]
+
+
 def test_hf_source_save_to_disk(tmp_path):
     texts = [make_text(200 + i, n_lines=4) for i in range(10)]
     datasets.Dataset.from_dict({"content": texts, "n": list(range(10))}).save_to_disk(str(tmp_path / "ds"))
@@ -271,6 +291,18 @@ def test_failed_build_leaves_no_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prep, "_write_tokens", boom)
     with pytest.raises(RuntimeError):
+        prepare(cfg(tmp_path, source="text", path=str(tmp_path / "c")))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_full_disk_while_caching_is_one_error_and_frees_the_space(tmp_path, monkeypatch):
+    write_folder(tmp_path / "c", n=3)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prep, "_write_tokens", disk_full)
+    with pytest.raises(DataError, match="could not write the token cache .*No space left on device.*data.cache_dir"):
         prepare(cfg(tmp_path, source="text", path=str(tmp_path / "c")))
     assert list((tmp_path / "cache").iterdir()) == []
 

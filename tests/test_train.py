@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+import training.trainer as trainer
 from conftest import ROOT, compose_config, tiny_overrides
 from checkpoint import CheckpointError, load_checkpoint
 
@@ -57,7 +58,7 @@ def test_resume_is_exact(corpus, data_cache, tmp_path, monkeypatch):
     train.run(compose_config(base))
 
     # Crash right after the step-3 checkpoint, as a killed run would, then resume to step 6.
-    real_save = train.save_checkpoint
+    real_save = trainer.save_checkpoint
 
     def save_then_crash(root, step, *args, **kw):
         path = real_save(root, step, *args, **kw)
@@ -65,10 +66,10 @@ def test_resume_is_exact(corpus, data_cache, tmp_path, monkeypatch):
             raise Crash
         return path
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         train.run(compose_config(base + [f"out_dir={resumed}"]))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     train.run(compose_config(base + [f"out_dir={resumed}", "train.resume=true"]))
 
     assert train_losses(resumed) == train_losses(straight)  # bitwise: same floats
@@ -83,13 +84,16 @@ def test_checkpoint_contents_and_best(corpus, data_cache, tmp_path):
     out = tmp_path / "run"
     train.run(compose_config(tiny_overrides(corpus, data_cache, out) + ["model.tie_embeddings=true"]))
     root = out / "checkpoints"
-    names = sorted(p.name for p in root.iterdir())
-    assert names == ["best", "latest", "step_0000006"] or names == ["best", "latest", "step_0000003", "step_0000006"]
+    evals = {r["step"]: r["val_loss"] for r in metrics(out) if "val_loss" in r}
+    best = min(evals, key=evals.get)  # the lowest evaluation of the run's own log
+    assert best == 6  # (with these settings; the 6-step run improves to the end)
+    assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "step_0000006"]
+    assert os.readlink(root / "best") == os.readlink(root / "latest") == "step_0000006"
     ckpt = load_checkpoint(root / "latest")
     assert {p.name for p in ckpt.dir.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
                                                    "trainer_state.pt"}
     state = ckpt.trainer_state()  # weights_only load: no pickled code
-    assert state["step"] == 6 and state["data_position"] == 6
+    assert state["step"] == 6 and "data_position" not in state  # the batch is a function of the step
     assert {"python", "numpy", "torch"} <= set(state["rng"])
     assert torch.equal(ckpt.model_state["lm_head.weight"], ckpt.model_state["embed.weight"])
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
@@ -97,7 +101,7 @@ def test_checkpoint_contents_and_best(corpus, data_cache, tmp_path):
 
 def test_nan_loss_stops_and_keeps_checkpoint(corpus, data_cache, tmp_path, monkeypatch):
     out = tmp_path / "nan"
-    real_forward = train.Transformer.forward
+    real_forward = trainer.Transformer.forward
     calls = {"n": 0}
 
     def forward(self, idx, targets=None, **kw):
@@ -108,18 +112,10 @@ def test_nan_loss_stops_and_keeps_checkpoint(corpus, data_cache, tmp_path, monke
                 loss = loss * float("nan")
         return logits, loss
 
-    monkeypatch.setattr(train.Transformer, "forward", forward)
-    with pytest.raises(train.TrainingError, match="loss is nan at step 4.*step_0000003"):
+    monkeypatch.setattr(trainer.Transformer, "forward", forward)
+    with pytest.raises(trainer.TrainingError, match="loss is nan at step 4.*step_0000003"):
         train.run(compose_config(tiny_overrides(corpus, data_cache, out)))
     assert load_checkpoint(out).trainer_state()["step"] == 3
-
-
-def test_time_budget_stops_and_saves(corpus, data_cache, tmp_path):
-    out = tmp_path / "budget"
-    summary = train.run(compose_config(tiny_overrides(corpus, data_cache, out) + ["train.max_steps=100000",
-                                                                                  "train.max_minutes=0.0001"]))
-    assert summary["final_step"] == 1
-    assert load_checkpoint(out).trainer_state()["step"] == 1
 
 
 def read_wandb_records(path: Path):
@@ -184,7 +180,7 @@ def test_wandb_offline_run_holds_metrics(corpus, data_cache, tmp_path, monkeypat
 
 def run_cli(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    with tempfile.TemporaryDirectory() as cwd:  # Hydra's own outputs/ folder lands there, not in the repo
+    with tempfile.TemporaryDirectory() as cwd:  # a default run folder (runs/...) would land there, not in the repo
         return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
                               text=True, env=env, timeout=300)
 
@@ -213,7 +209,7 @@ def test_cli_bad_data_inputs(corpus, data_cache, tmp_path):
     ]
     for extra, pattern in cases:
         assert_one_line_error(run_cli(*common, *extra), pattern)
-    assert not (tmp_path / "o").exists()  # nothing was written
+    assert not any((tmp_path / "o").iterdir())  # nothing was written (Hydra only created the folder)
 
 
 def test_cli_unknown_names_fail_clearly(tmp_path):
@@ -251,6 +247,6 @@ def test_val_split_must_give_every_process_a_window():
 
     cfg = SimpleNamespace(train=SimpleNamespace(seq_len=10, batch_size=4))
     tokens = np.arange(25, dtype=np.uint16)  # 2 windows of 10 tokens
-    train.check_val_split(tokens, cfg, world_size=2)
+    trainer.check_val_split(tokens, cfg, world_size=2)
     with pytest.raises(DataError, match="holds 2 windows .* fewer than the 3 processes; lower train.seq_len"):
-        train.check_val_split(tokens, cfg, world_size=3)
+        trainer.check_val_split(tokens, cfg, world_size=3)

@@ -5,13 +5,25 @@ Typed configs make Hydra reject a mistyped key (`train.max_step=10`) or a wrong 
 values; these classes say which keys exist and what they mean.
 """
 
+import inspect
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig
+from model.attention import BACKENDS
 from model.config import ModelConfig
+
+from .errors import TrainConfigError
+
+PARALLEL_MODES = ("ddp", "fsdp")
+SCHEDULES = ("cosine", "wsd")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
@@ -34,8 +46,12 @@ class TrainConfig:
     eval_every: int = 100  # steps between evaluations (val loss, perplexity, bits per byte, a sample)
     eval_batches: int = 10  # batches of batch_size sequences per evaluation
     sample_tokens: int = 120  # tokens generated for the sample at each evaluation
-    save_every: int = 200  # steps between checkpoints (also saved at the end)
-    resume: bool = False  # continue from out_dir/checkpoints/latest
+    save_every: int = 200  # steps between checkpoints (also at the end, and at each new best evaluation)
+    # true: continue from out_dir/checkpoints/latest; a path: continue from that checkpoint (or run) folder
+    resume: Any = False
+    overwrite: bool = False  # start a new run in an out_dir that holds one (deletes its checkpoints and metrics)
+    # A checkpoint or run folder to start from: its weights, model config and tokenizer; fresh optimizer and step
+    init_from: Optional[str] = None
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "ddp"  # under torchrun: ddp (replicate) | fsdp (shard with FSDP2)
@@ -64,10 +80,112 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     attention: AttentionRuntimeConfig = field(default_factory=AttentionRuntimeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    out_dir: str = "${hydra:runtime.output_dir}"  # checkpoints, metrics.jsonl and wandb files go here
+    # The run folder: checkpoints, metrics.jsonl, wandb files and Hydra's .hydra/. Default: Hydra's run
+    # folder, runs/<date>/<time> (multirun: multirun/<date>/<time>/<job number>)
+    out_dir: str = "${hydra:runtime.output_dir}"
     seed: int = 1337
+
+
+def _writable(path: Path) -> bool:
+    """Whether `path` can be created or written: the nearest existing ancestor must be a writable folder."""
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+
+def check_options(cfg) -> None:
+    """Every option's range and choice, before any work starts (no data, no files): one error naming it."""
+    t = cfg.train
+    positive = ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
+                "log_every")
+    for name in positive:
+        if getattr(t, name) <= 0:
+            raise TrainConfigError(f"train.{name}={getattr(t, name)} must be positive")
+    for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "sample_tokens"):
+        if getattr(t, name) < 0:
+            raise TrainConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
+    for name, value, ok, rng in (("min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+                                 ("decay_fraction", t.decay_fraction, 0 < t.decay_fraction <= 1, "in (0, 1]"),
+                                 ("beta1", t.beta1, 0 <= t.beta1 < 1, "in [0, 1)"),
+                                 ("beta2", t.beta2, 0 <= t.beta2 < 1, "in [0, 1)")):
+        if not ok:
+            raise TrainConfigError(f"train.{name}={value} must be {rng}")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        raise TrainConfigError(f"train.max_minutes={t.max_minutes} must be positive (or null for no time budget)")
+    if t.schedule not in SCHEDULES:
+        raise TrainConfigError(f"unknown train.schedule '{t.schedule}': choose cosine or wsd")
+    if t.parallel not in PARALLEL_MODES:
+        raise TrainConfigError(f"unknown train.parallel '{t.parallel}': choose one of {', '.join(PARALLEL_MODES)}")
+    if cfg.wandb.mode not in WANDB_MODES:
+        raise TrainConfigError(f"unknown wandb.mode '{cfg.wandb.mode}': choose offline, online or disabled")
+    if not (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:") and t.device[5:].isdigit()):
+        raise TrainConfigError(f"unknown train.device '{t.device}': choose auto, cpu, cuda, cuda:N or mps")
+    if cfg.attention.backend not in BACKENDS:
+        raise TrainConfigError(f"unknown attention.backend '{cfg.attention.backend}': choose {', '.join(BACKENDS)}")
+    # Triton runs on CUDA, or anywhere in its (slow) interpreter, which the tests use on CPU.
+    on_cuda = t.device not in ("cpu", "mps") and torch.cuda.is_available()
+    if cfg.attention.backend == "triton" and not (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise TrainConfigError("attention.backend=triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's "
+                               "slow interpreter): use attention.backend=auto (SDPA on CPU)")
+    if t.resume and t.overwrite:
+        raise TrainConfigError("train.resume and train.overwrite exclude each other: continue the run, or replace it")
+    check_folder("out_dir", cfg.out_dir)
+    check_folder("data.cache_dir", cfg.data.cache_dir)
+
+
+def check_folder(option: str, value: str) -> None:
+    """A folder the run writes into: it must be (or become) a writable folder."""
+    path = Path(os.path.expanduser(value))
+    if path.exists() and not path.is_dir():
+        raise TrainConfigError(f"{option}={value} is a file: choose a folder")
+    if not _writable(path):
+        raise TrainConfigError(f"{option}={value} cannot be written (read-only or not a folder): "
+                               f"choose a writable {option}")
+
+
+def check_train_config(cfg, model_cfg: ModelConfig, world_size: int) -> None:
+    """The relations between training options, the model and the machine, once those are known."""
+    t = cfg.train
+    per_step = world_size * t.grad_accum
+    if t.batch_size % per_step:
+        raise TrainConfigError(f"train.batch_size ({t.batch_size}) must be divisible by processes x train.grad_accum "
+                               f"({world_size} x {t.grad_accum})")
+    if t.seq_len > model_cfg.max_seq_len:
+        raise TrainConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
+
+
+def option_help() -> str:
+    """Every option with the comment beside or above it in its dataclass (the text of `train.py --help`)."""
+    sections = (("", Config), ("train", TrainConfig), ("model", ModelConfig), ("data", DataConfig),
+                ("attention", AttentionRuntimeConfig), ("wandb", WandbConfig))
+    out = []
+    for prefix, cls in sections:
+        pending = []  # comment lines above the next field
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                pending.append(text.lstrip("#").strip())
+                continue
+            m = re.match(r"(\w+):[^=]+=\s*(.*?)(?:\s+#\s*(.*))?$", text)
+            if m and not m.group(2).startswith("field("):
+                key = f"{prefix}.{m.group(1)}" if prefix else m.group(1)
+                meaning = "\n      ".join(pending + [m.group(3)] if m.group(3) else pending)
+                out.append(f"  {key} = {m.group(2)}\n      {meaning}" if meaning else f"  {key} = {m.group(2)}")
+            pending = []
+    return "\n".join(out)
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    # `python train.py --help`: the groups, then every option with its meaning (escaped for OmegaConf and
+    # string.Template, which Hydra runs over the text).
+    options = option_help().replace("$", "$$").replace("$${", "$\\${")
+    cs.store(group="hydra/help", name="train", node={
+        "app_name": "train.py",
+        "header": "python train.py [group=option ...] [key=value ...]   (docs: README.md, Training)",
+        "footer": "Hydra's own flags: python train.py --hydra-help",
+        "template": "${hydra.help.header}\n\n== Groups (group=option) ==\n$APP_CONFIG_GROUPS\n\n"
+                    "== Options (key=value; the default, then what it means) ==\n" + options +
+                    "\n\n${hydra.help.footer}\n"})

@@ -23,9 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from model import ConfigError
+from .errors import TrainConfigError
 
-PARALLEL_MODES = ("ddp", "fsdp")
 # Ranks wait for rank 0 to tokenize a corpus or write a checkpoint: that can take far longer than the
 # default collective timeout (10 min on NCCL), so that waiting happens on a CPU (gloo) group with a
 # long timeout of its own. A rank that dies is noticed by torchrun, which stops the others.
@@ -56,7 +55,7 @@ def pick_device(name: str, local_rank: int) -> torch.device:
         if name == "auto":
             return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available: use train.device=cpu (or auto)")
+        raise TrainConfigError(f"train.device={name} but CUDA is not available: use train.device=cpu (or auto)")
     return torch.device(name)
 
 
@@ -66,7 +65,7 @@ def init_distributed(device_name: str) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
         device = pick_device(device_name, local_rank)
-    except ConfigError as e:
+    except TrainConfigError as e:
         e.reported_by = 0  # the same on every rank: rank 0 says it
         raise
     if world_size == 1:
@@ -154,8 +153,6 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def wrap_model(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Module:
     """DDP (a full replica per rank) or FSDP2 (each rank keeps 1/world of every parameter, gradient
     and optimizer state; each block all-gathers its weights for its forward and backward)."""
-    if parallel not in PARALLEL_MODES:
-        raise ConfigError(f"unknown train.parallel '{parallel}': choose one of {', '.join(PARALLEL_MODES)}")
     if not info.distributed:
         return model
     if parallel == "ddp":

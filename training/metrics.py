@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .errors import TrainingError
+
 
 class MetricsLogger:
     def __init__(self, out_dir: Path, config: dict, wandb_cfg, enabled: bool = True, resume_step: Optional[int] = None):
@@ -26,10 +28,20 @@ class MetricsLogger:
             self.run = self._start_wandb(Path(out_dir), config, wandb_cfg, resume=resume_step is not None)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint: those steps run again."""
+        """On resume, drop lines logged after the checkpoint: those steps run again. A crash mid-write
+        leaves a torn last line: it is dropped too (its step runs again)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        lines = [line for line in self.path.read_text().splitlines() if line]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append((json.loads(line), line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:  # only the last line can be cut short by a crash; anything else is damage
+                    raise TrainingError(f"{self.path} line {i + 1} is not JSON: repair or delete that line, "
+                                        "then resume") from None
+        kept = [line for record, line in records if record["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     @staticmethod

@@ -1,19 +1,23 @@
-"""A short sample during training, by full recompute (no cache): slow but needs nothing but the model."""
+"""A short sample during training, by full recompute (no KV cache): slow, but it needs nothing but the
+model. Tokens are drawn by the engine's sampler, so training and generation sample the same way."""
 
 import torch
+
+from engine.sampler import Sampler, make_generator
+from engine.sampling_params import SamplingParams
 
 
 @torch.no_grad()
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, device: torch.device,
                 temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> str:
     # A private generator: sampling must not move the global RNG, or a resumed run would diverge.
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor([tokenizer.encode(prompt).ids], device=device)
-    n_prompt = ids.shape[1]
+    params = [SamplingParams(temperature=temperature, top_k=top_k, seed=seed)]
+    generators = [make_generator(seed)]
+    sampler = Sampler()
+    ids = tokenizer.encode(prompt).ids
+    n_prompt = len(ids)
     for _ in range(max_new_tokens):
-        logits, _ = model(ids[:, -model.cfg.max_seq_len:])
-        logits = logits[0, -1].float() / temperature
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        probs = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
-        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen).view(1, 1)], dim=1)
-    return prompt + tokenizer.decode(ids[0, n_prompt:].tolist())
+        context = torch.tensor([ids[-model.cfg.max_seq_len:]], device=device)
+        logits, _ = model(context)
+        ids += sampler(logits[:, -1].float(), params, generators, [ids])
+    return prompt + tokenizer.decode(ids[n_prompt:])

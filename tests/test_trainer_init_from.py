@@ -1,0 +1,72 @@
+"""train.init_from: fine-tuning starts from a checkpoint's weights, model config and tokenizer, with a
+fresh optimizer and step, and resumes exactly like any run."""
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from conftest import compose_config, tiny_overrides
+from test_train import assert_one_line_error, run_cli, train_losses
+from test_trainer_failures import Crash, crash_after_save
+import training.trainer as trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, data_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    train.run(compose_config(tiny_overrides(corpus, data_cache, out)))
+    return out
+
+
+def test_init_from_takes_weights_config_and_tokenizer(pretrained, corpus, data_cache, tmp_path):
+    out = tmp_path / "ft"
+    # Another model size and vocabulary asked for: the checkpoint's model and tokenizer win.
+    args = tiny_overrides(corpus, data_cache, out) + [f"train.init_from={pretrained}", "model.n_layers=3",
+                                                      "data.vocab_size=400", "train.lr=0", "train.max_steps=2"]
+    summary = train.run(compose_config(args))
+    assert summary["final_step"] == 2  # a fresh step count
+    src, ft = load_checkpoint(pretrained), load_checkpoint(out)
+    assert ft.config["model"] == src.config["model"]
+    assert ft.config["data"]["tokenizer_path"] == str(src.tokenizer_path)
+    assert ft.tokenizer_path.read_bytes() == src.tokenizer_path.read_bytes()
+    for k in src.model_state:  # lr 0: the weights are exactly the ones loaded
+        assert torch.equal(ft.model_state[k], src.model_state[k]), k
+    state = ft.trainer_state()
+    assert state["step"] == 2 and all(s["step"] == 2 for s in state["optimizer"]["state"].values())
+
+
+def test_fine_tune_resumes_exactly(pretrained, corpus, data_cache, tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    base = [f"train.init_from={pretrained}", "train.lr=1e-3", "train.warmup_steps=1"]
+    cfg = compose_config(tiny_overrides(corpus, data_cache, straight) + base)
+    train.run(cfg)
+    # Step 1's loss is the loaded model's loss on the first batch (computed here without the trainer).
+    from omegaconf import OmegaConf
+
+    from checkpoint import load_model
+    from data import TokenBatches
+    from data.pipeline import prepare
+
+    model, _, _ = load_model(pretrained, torch.device("cpu"), torch.float32)
+    d = prepare(OmegaConf.to_object(cfg.data))
+    x, y = TokenBatches(d.train, cfg.train.seq_len, cfg.train.batch_size, cfg.seed).get_batch(0)
+    with torch.no_grad():
+        assert train_losses(straight)[1] == pytest.approx(model(x, y)[1].item(), abs=1e-5)
+
+    real_save = crash_after_save(monkeypatch, 3)
+    with pytest.raises(Crash):
+        train.run(compose_config(tiny_overrides(corpus, data_cache, resumed) + base))
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    train.run(compose_config(tiny_overrides(corpus, data_cache, resumed) + base + ["train.resume=true"]))
+    assert train_losses(resumed) == train_losses(straight)
+
+
+def test_init_from_refuses_a_contradicting_model_option(pretrained, corpus, data_cache, tmp_path):
+    args = tiny_overrides(corpus, data_cache, tmp_path / "ft")
+    # The tiny overrides repeat the checkpoint's own sizes: accepted. Another depth is not.
+    assert_one_line_error(run_cli(*args, f"train.init_from={pretrained}", "model.n_layers=3"),
+                          "model.n_layers=3 contradicts train.init_from")
+    assert_one_line_error(run_cli(*args, f"train.init_from={tmp_path / 'nothing'}"), "no checkpoint at")

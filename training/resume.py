@@ -1,0 +1,61 @@
+"""Where a run starts when it does not start from scratch: a checkpoint to continue (train.resume), checked
+for what would make the continuation wrong or inexact, or a checkpoint's model to fine-tune
+(train.init_from), whose config and tokenizer the run adopts."""
+
+from dataclasses import asdict
+from types import SimpleNamespace
+
+from checkpoint import CheckpointError
+
+from .errors import TrainConfigError
+from .optim import lr_at
+
+# Options that change the numbers a step computes: a resume that changes one is no longer exact.
+EXACT_TRAIN_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay", "beta1",
+                    "beta2", "grad_clip", "grad_accum")
+
+
+def check_resume_compatible(saved: dict, current: dict, step: int) -> list[str]:
+    """Refuse a resume that would silently train something else (another model, data, batch shape); return
+    one note per change that makes it inexact (seed, optimizer, schedule) or longer (max_steps)."""
+    for section in ("model", "data"):
+        diff = sorted(k for k in set(saved[section]) | set(current[section])
+                      if saved[section].get(k) != current[section].get(k) and k not in ("num_proc", "cache_dir"))
+        if diff:
+            details = ", ".join(f"{section}.{k}: {saved[section].get(k)!r} -> {current[section].get(k)!r}" for k in diff)
+            raise CheckpointError(f"cannot resume: the checkpoint was trained with a different config ({details}); "
+                                  "use the same settings or a new out_dir")
+    for key in ("batch_size", "seq_len"):
+        if saved["train"][key] != current["train"][key]:
+            raise CheckpointError(f"cannot resume: train.{key} was {saved['train'][key]}, now {current['train'][key]}; "
+                                  "exact resume needs the same value")
+    changed = [f"seed: {saved['seed']} -> {current['seed']}"] if saved["seed"] != current["seed"] else []
+    changed += [f"train.{k}: {saved['train'][k]} -> {current['train'][k]}" for k in EXACT_TRAIN_KEYS
+                if saved["train"].get(k) != current["train"][k]]
+    notes = [f"resuming with {', '.join(changed)}: the run is no longer the exact continuation"] if changed else []
+    old, new = saved["train"]["max_steps"], current["train"]["max_steps"]
+    if old != new:
+        # "Train longer" (or shorter): the schedule is recomputed over the new max_steps, from the step reached
+        # (wsd stays in its stable phase if it had not begun to decay; cosine moves to the longer curve).
+        was, now = (lr_at(step, SimpleNamespace(**c["train"])) for c in (saved, current))
+        notes.append(f"train.max_steps {old} -> {new}: the LR schedule now spans {new} steps "
+                     f"(LR at step {step}: {was:.3g} -> {now:.3g})")
+    return notes
+
+
+def adopt_pretrained_config(cfg, pretrained, cli_overrides) -> None:
+    """train.init_from: the model is the checkpoint's (its config and tokenizer); a model option on the
+    command line that says otherwise is refused rather than silently ignored."""
+    saved = asdict(pretrained.config)
+    for arg in cli_overrides:
+        key, _, value = arg.lstrip("+~").partition("=")
+        field = "attention" if key == "attention" else key[6:] if key.startswith("model.") else None
+        if key == "model" or (field and field != "vocab_size" and str(saved.get(field)).lower() != value.lower()):
+            raise TrainConfigError(f"{arg} contradicts train.init_from={cfg.train.init_from} (the model comes from "
+                                   "the checkpoint, with its config): drop the model option")
+    if cfg.data.tokenizer_path not in (None, str(pretrained.tokenizer_path)):
+        raise TrainConfigError(f"data.tokenizer_path={cfg.data.tokenizer_path} contradicts train.init_from: the "
+                               "data is tokenized with the checkpoint's own tokenizer; drop data.tokenizer_path")
+    for key, value in saved.items():
+        cfg.model[key] = value
+    cfg.data.tokenizer_path = str(pretrained.tokenizer_path)

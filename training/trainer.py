@@ -1,0 +1,288 @@
+"""The trainer's parts, each a method that fits on a screen: set-up, one optimizer step, evaluation,
+saving a checkpoint. train.py runs the loop over them.
+
+Everything that changes as the run goes lives in `Trainer.progress` (step, best val loss, time
+trained): it is what a checkpoint stores beside the weights, the optimizer and the RNG states, and what
+a resumed run starts from. Nothing else is carried from step to step, so a resumed run is the
+uninterrupted one.
+"""
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
+from data import DataError, TokenBatches, bits_per_byte, eval_batches, eval_text_size, load_prepared, prepare
+from model import Transformer
+
+from .config import check_options, check_train_config
+from .distributed import (fail_together, forward_is_collective, full_state, gradient_sync, init_distributed,
+                          load_full_state, mean_across_ranks, shutdown, sum_across_ranks, wrap_model)
+from .errors import TrainConfigError, TrainingError
+from .metrics import MetricsLogger
+from .optim import build_optimizer, lr_at
+from .resume import adopt_pretrained_config, check_resume_compatible
+from .rng import capture_rng_state, restore_rng_state
+from .run_dir import claim_out_dir, record_config
+from .sample import sample_text
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint's trainer_state.pt and restored on resume."""
+    step: int = 0  # optimizer steps done
+    best_val_loss: float = math.inf
+    elapsed_s: float = 0.0  # training time before this process started (earlier, resumed-from runs)
+
+
+def check_val_split(tokens, cfg, world_size: int) -> None:
+    """Every rank must get a window of the first eval batch (evaluate splits its rows by rank):
+    check at start-up rather than at the first eval."""
+    x, _ = next(eval_batches(tokens, cfg.train.seq_len, cfg.train.batch_size, 1))
+    if len(x) < world_size:
+        raise DataError(f"the val split holds {len(x)} windows of train.seq_len={cfg.train.seq_len}, fewer than "
+                        f"the {world_size} processes; lower train.seq_len or add data")
+
+
+class Trainer:
+    def __init__(self, cfg, cli_overrides: tuple = ()):
+        """Data, model, optimizer and logger; resumed from a checkpoint if train.resume, or started from
+        one's weights if train.init_from. `cli_overrides`: the command line's key=value pairs (init_from
+        refuses model options that contradict the checkpoint's)."""
+        try:
+            check_options(cfg)
+        except TrainConfigError as e:
+            e.reported_by = 0  # every rank sees the same options: rank 0 says it
+            raise
+        self.cfg, self.info = cfg, init_distributed(cfg.train.device)
+        self.device = self.info.device
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        ckpt, pretrained = self._load_inputs(cli_overrides)
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.raw_model = Transformer(self.model_cfg, backend=cfg.attention.backend).to(self.device)
+        if pretrained is not None and ckpt is None:
+            self.raw_model.load_state_dict(pretrained.state_dict)  # before wrapping: FSDP shards what it finds
+        self.model = wrap_model(self.raw_model, self.info, cfg.train.parallel)
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device.type)
+        self.progress = Progress()
+        if ckpt is not None:
+            self._resume(ckpt)
+        self.fwd_model = torch.compile(self.model) if cfg.train.compile else self.model
+        # bf16 matmuls are slow on CPU: train in fp32 there.
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" \
+            else contextlib.nullcontext
+        self.lock = None
+        with fail_together(self.info):
+            if self.info.is_main:
+                self.lock = claim_out_dir(self.out_dir, resume=ckpt is not None, overwrite=cfg.train.overwrite)
+                record_config(self.out_dir, cfg)
+            self.logger = MetricsLogger(self.out_dir, self.config_dict, cfg.wandb, enabled=self.info.is_main,
+                                        resume_step=self.progress.step if ckpt is not None else None)
+        self.logger.summary({"params": self.raw_model.num_params(),
+                             "kv_bytes_per_token": self.model_cfg.kv_cache_bytes_per_token()})
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        self.started = time.time()
+        self._last_log = (self.progress.step, self.started)  # (step, time) of the last logged step
+        self.logged_tok_s = []  # tokens/s of each logged step, for the summary
+
+    def _load_inputs(self, cli_overrides):
+        """Data, model config, the checkpoint to resume and the one to start from (None, None for a new
+        run from scratch): everything that can fail on bad input, checked on every rank before the first
+        collective."""
+        cfg, info = self.cfg, self.info
+        # An error on any rank is raised on every rank, so none waits forever. Rank 0 builds the token
+        # cache while the others wait, then they read it.
+        pretrained = None
+        with fail_together(info):
+            if cfg.train.init_from:
+                pretrained = load_pretrained(cfg.train.init_from)
+                adopt_pretrained_config(cfg, pretrained, cli_overrides)
+            data_cfg = OmegaConf.to_object(cfg.data)
+            if info.is_main:
+                self.data = prepare(data_cfg)
+        ckpt = None
+        with fail_together(info):
+            if not info.is_main:
+                self.data = load_prepared(prepare(data_cfg).dir)
+            if pretrained is None:
+                cfg.model.vocab_size = self.data.vocab_size
+            elif self.data.vocab_size > pretrained.config.vocab_size:
+                raise DataError(f"the tokenizer of {pretrained.dir} has {self.data.vocab_size} ids but the model "
+                                f"only {pretrained.config.vocab_size}: the checkpoint is inconsistent")
+            self.model_cfg = OmegaConf.to_object(cfg.model)  # validates: raises ConfigError on inconsistent dims
+            check_train_config(cfg, self.model_cfg, info.world_size)
+            self.config_dict = OmegaConf.to_container(cfg, resolve=True)
+            self.batches = TokenBatches(self.data.train, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
+                                        info.rank, info.world_size)
+            check_val_split(self.data.val, cfg, info.world_size)
+            self.eval_tokens, self.eval_bytes = eval_text_size(self.data.val, self.data.tokenizer, cfg.train.seq_len,
+                                                               cfg.train.batch_size, cfg.train.eval_batches)
+            if cfg.train.resume:
+                ckpt = self._checkpoint_to_resume()
+                self._resume_state = ckpt.trainer_state()
+                notes = check_resume_compatible(ckpt.config, self.config_dict, self._resume_state["step"])
+                if info.is_main and notes:
+                    print("note: " + "; ".join(notes))
+        return ckpt, pretrained
+
+    def _checkpoint_to_resume(self):
+        """train.resume=true: out_dir's latest checkpoint; train.resume=PATH: that checkpoint or run folder."""
+        resume = self.cfg.train.resume
+        if resume is True:
+            if not (self.ckpt_root / "latest").exists():
+                raise CheckpointError(f"train.resume=true but there is no checkpoint in {self.ckpt_root}: "
+                                      "point out_dir at the run to continue, or drop train.resume")
+            return load_checkpoint(self.ckpt_root / "latest")
+        return load_checkpoint(resume)
+
+    def _resume(self, ckpt) -> None:
+        state = self._resume_state
+        load_full_state(self.model, self.optimizer, ckpt.model_state, state["optimizer"])  # collective under FSDP
+        restore_rng_state(state["rng"])
+        self.progress = Progress(state["step"], state["best_val_loss"], state["elapsed_s"])
+        if self.info.is_main:
+            print(f"resumed from {ckpt.dir} at step {self.progress.step}")
+
+    def elapsed(self) -> float:
+        """Seconds of training in this run, resumed-from runs included."""
+        return self.progress.elapsed_s + time.time() - self.started
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch of `progress.step`: returns the step's numbers."""
+        cfg, step, micro = self.cfg.train, self.progress.step, self.cfg.train.grad_accum
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.batches.get_batch(step)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (xm, ym) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+            # DDP/FSDP: reduce gradients across ranks only on the last micro-batch.
+            with gradient_sync(self.model, enabled=i == micro - 1), self.autocast():
+                _, loss = self.fwd_model(xm, ym)
+                (loss / micro).backward()
+            loss_sum += loss.detach()
+        # The global gradient norm, clipped to grad_clip (inf: measured, not clipped). A NaN or inf here
+        # would poison the weights even with a finite loss: stop before the optimizer applies it.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        train_loss = mean_across_ranks(loss_sum / micro, self.info).item()
+        self._stop_if_diverged("loss", train_loss)
+        self._stop_if_diverged("gradient norm", grad_norm.item())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        return {"train_loss": train_loss, "grad_norm": grad_norm.item(), "lr": lr}
+
+    def _stop_if_diverged(self, what: str, value: float) -> None:
+        """A non-finite loss, gradient norm or val loss ends the run without saving: the last checkpoint is good."""
+        if math.isfinite(value):
+            return
+        latest = (self.ckpt_root / "latest").resolve() if (self.ckpt_root / "latest").exists() else None
+        raise TrainingError(f"{what} is {value} at step {self.progress.step}; stopped without saving "
+                            f"({'last good checkpoint: ' + str(latest) if latest else 'no checkpoint was saved'}). "
+                            "Lower train.lr or raise train.warmup_steps, then resume")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss (and perplexity, bits per byte, a sample) at the current step; logged.
+
+        The mean is over the same windows whatever the number of processes: each rank scores its share
+        of every batch's rows (shares may differ by one row) and the token-weighted sums are added."""
+        cfg, info, step = self.cfg, self.info, self.progress.step
+        self.fwd_model.eval()
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for x, y in eval_batches(self.data.val, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches):
+            count += y.numel()
+            x, y = x.tensor_split(info.world_size)[info.rank], y.tensor_split(info.world_size)[info.rank]
+            with self.autocast():
+                _, loss = self.fwd_model(x.to(self.device), y.to(self.device))
+            total += loss.double() * y.numel()
+        self.fwd_model.train()
+        val_loss = (sum_across_ranks(total, info) / count).item()
+        self._stop_if_diverged("val loss", val_loss)
+        record = {"step": step, "tokens": step * self.tokens_per_step, "val_loss": val_loss,
+                  "val_ppl": math.exp(min(val_loss, 50)),
+                  "val_bpb": bits_per_byte(val_loss, self.eval_tokens, self.eval_bytes),
+                  "elapsed_s": self.elapsed()}
+        # Under FSDP every forward all-gathers weights: all ranks sample (the same text); rank 0 logs it.
+        if cfg.train.sample_tokens > 0 and (info.is_main or forward_is_collective(self.raw_model)):
+            text = sample_text(self.raw_model, self.data.tokenizer, "\n", cfg.train.sample_tokens, self.device,
+                               seed=cfg.seed)
+            self.logger.log_text("sample", text, step)
+            record["sample"] = text
+        self.logger.log(record)
+        record["improved"] = val_loss < self.progress.best_val_loss
+        self.progress.best_val_loss = min(self.progress.best_val_loss, val_loss)
+        return record
+
+    def save(self, best: bool = False) -> Path:
+        """Checkpoint the current step (collective: every rank takes part; rank 0 writes)."""
+        model_state, optim_state = full_state(self.model, self.optimizer)
+        path = None
+        with fail_together(self.info):  # the others wait for rank 0's write; if it fails, every rank stops
+            if self.info.is_main:
+                bad = [name for name, t in model_state.items() if not torch.isfinite(t).all()]
+                if bad:  # a last guard: the checks on loss and gradients should have stopped the run before
+                    raise TrainingError(f"not saving step {self.progress.step}: non-finite weights in {bad[0]}")
+                trainer_state = {"optimizer": optim_state, "rng": capture_rng_state(),
+                                 **asdict(self.progress), "elapsed_s": self.elapsed()}
+                path = save_checkpoint(self.ckpt_root, self.progress.step, model_state, trainer_state,
+                                       self.config_dict, self.data.tokenizer_path, self.model_cfg.tie_embeddings,
+                                       best=best)
+        return path
+
+    def log_step(self, stats: dict) -> dict:
+        """Log one step's numbers with throughput since the last logged step (the place for per-step
+        metrics such as MFU)."""
+        now, step = time.time(), self.progress.step
+        tok_s = (step - self._last_log[0]) * self.tokens_per_step / max(now - self._last_log[1], 1e-9)
+        self._last_log = (step, now)
+        self.logged_tok_s.append(tok_s)
+        record = {"step": step, "tokens": step * self.tokens_per_step, **stats, "tokens_per_s": tok_s,
+                  "elapsed_s": self.elapsed()}
+        self.logger.log(record)
+        return record
+
+    def describe(self) -> str:
+        """One line: what is trained, where, on how much data."""
+        info, cfg = self.info, self.cfg
+        where = f" x {info.world_size} ({cfg.train.parallel})" if info.distributed else ""
+        dtype, size = ("bfloat16", 2) if self.device.type == "cuda" else ("float32", 4)  # see self.autocast
+        return (f"model: {cfg.model.attention}, {self.raw_model.num_params() / 1e6:.2f}M parameters, "
+                f"KV cache {self.model_cfg.kv_cache_bytes_per_token(size):,} bytes/token in {dtype} | "
+                f"device {self.device}{where} | "
+                f"{self.data.meta['n_train_tokens']:,} train tokens | out_dir {self.out_dir}")
+
+    def prompt_hint(self) -> str:
+        """A prompt that fits the data: the first line of the validation text (for the `try it:` line)."""
+        text = self.data.tokenizer.decode(self.data.val[:64].tolist(), skip_special_tokens=True)
+        line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        return line[:40] or "The"
+
+    def close(self) -> None:
+        """Release out_dir (another run may use it now) and leave the process group."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+        shutdown(self.info)
+
+    def finish(self, last_eval) -> dict:
+        """The run's summary (to wandb and returned); closes the logger."""
+        summary = {"final_step": self.progress.step, "params": self.raw_model.num_params(),
+                   "kv_bytes_per_token": self.model_cfg.kv_cache_bytes_per_token(), "elapsed_s": self.elapsed()}
+        if self.logged_tok_s:  # the median is robust to the steps that also evaluate or save
+            summary["train_tokens_per_s"] = statistics.median(self.logged_tok_s)
+        if last_eval is not None:
+            summary.update(final_val_loss=last_eval["val_loss"], final_val_bpb=last_eval["val_bpb"])
+        self.logger.summary(summary)
+        self.logger.finish()
+        return summary
