@@ -19,5 +19,6 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, device: torc
     for _ in range(max_new_tokens):
         context = torch.tensor([ids[-model.cfg.max_seq_len:]], device=device)
         logits, _ = model(context)
-        ids += sampler(logits[:, -1].float(), params, generators, [ids])
+        tokens, _ = sampler(logits[:, -1].float(), params, generators, [ids])
+        ids += tokens
     return prompt + tokenizer.decode(ids[n_prompt:])
