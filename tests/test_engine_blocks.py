@@ -267,7 +267,7 @@ def test_failed_forward_leaves_no_key_to_unwritten_kv(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(model.layers[1], "forward", broken)
+    monkeypatch.setattr(llm.runner.model.layers[1], "forward", broken)
     with pytest.raises(RuntimeError, match="injected"):
         llm.generate([prompt], SamplingParams(temperature=0, max_new_tokens=4))
     monkeypatch.undo()
