@@ -3,7 +3,7 @@
 The kernel reads the cache only, so the new token's K/V are written to their slots layer by layer
 before it runs (`holds_back = False`). It takes int32 block tables and context lengths. Until a GPU
 has confirmed the kernel, the engine runs a one-time self-check before choosing it and falls back to
-the gather path with a warning if the check fails.
+the gather path (the check warns in one line) if it fails.
 """
 
 import torch
@@ -13,8 +13,9 @@ from .cpu_speed import long_tensor
 
 
 def kernel_passes_self_check(device: torch.device) -> bool:
-    """The GPU self-check of the paged decode kernel against the gather path on a small random problem
-    (kernels.self_check.paged_decode_ok): True when it agrees, or when this tree has no self-check."""
+    """The GPU self-check of the paged decode kernel on a small random problem, run once per device
+    (kernels.self_check.paged_decode_ok, which warns in one line when it fails): True when the kernel
+    agrees with the reference, or when this tree has no self-check yet."""
     try:
         from kernels.self_check import paged_decode_ok
     except ImportError:

@@ -91,13 +91,9 @@ class PagedKVCache:
 
     def _paged_decode_backend(self):
         """The paged kernel for this device and dtype, else the gather path (with a one-line warning
-        when a kernel should have run but cannot)."""
+        when a kernel should have run but cannot: the self-check prints its own)."""
         if self.device.type == "cuda":
-            if kernel_passes_self_check(self.device):
-                return TritonAttention(self)
-            warnings.warn("the Triton paged-attention kernel failed its self-check on this GPU; decoding "
-                          "through the slower PyTorch gather path")
-            return self.gather
+            return TritonAttention(self) if kernel_passes_self_check(self.device) else self.gather
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return self.gather
         error = CpuKernelAttention.unavailable()
