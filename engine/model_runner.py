@@ -55,18 +55,18 @@ class ModelRunner:
         """The step's inputs: for each sequence the tokens from its first uncomputed one (at most its
         last: a decode step, or a prompt fully served by the prefix cache, recomputes that one token)."""
         bs = self.block_size
-        step = StepInputs(is_prefill, [], [], [], [], [], [])
-        for seq in seqs:
+        ids, positions, slots, tables, context_lens, query_lens = [], [], [], [], [], []
+        for seq in seqs:  # plain appends to local lists: this runs every decode step
             n, done, table = seq.num_tokens, seq.num_computed_tokens, seq.block_table
             start = min(done, n - 1)
-            step.token_ids += seq.token_ids[start:n]
-            step.positions += range(start, n)
-            # A token already in a cached block is recomputed for its query only: not rewritten.
-            step.slot_mapping += [-1 if p < done else table[p // bs] * bs + p % bs for p in range(start, n)]
-            step.block_tables.append(table)
-            step.context_lens.append(n)
-            step.query_lens.append(n - start)
-        return step
+            ids += seq.token_ids[start:]
+            positions += range(start, n)
+            for p in range(start, n):  # a token already in a cached block is recomputed, not rewritten
+                slots.append(-1 if p < done else table[p // bs] * bs + p % bs)
+            tables.append(table)
+            context_lens.append(n)
+            query_lens.append(n - start)
+        return StepInputs(is_prefill, ids, positions, slots, tables, context_lens, query_lens)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
