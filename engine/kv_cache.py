@@ -20,8 +20,8 @@ One forward over the cache, in four steps (the runner makes calls 1, 2 and 4; th
      step rather than once per layer.
   3. The model's forward calls `cache.attend(layer, q, k, v, scale)` once per layer with the new
      tokens' projections, packed [T, heads, dim]. The new K/V go to their slots first, then every
-     new token attends to its sequence's whole context: a sequence may read blocks another sequence
-     of the same step fills.
+     new token attends to its sequence's whole context, read back from the cache (a prefill's new
+     tokens see each other there).
   4. A decode step whose backend `holds_back` (all but Triton) writes nothing during the forward:
      attend keeps the new K/V, and after the forward the runner writes every layer's in one op,
      `cache.commit(*cache.held_kv())`. The forward is then a pure function of its inputs and the
