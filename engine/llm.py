@@ -137,8 +137,8 @@ class LLM:
                  paged_kernel: bool = True):
         """ckpt: a run folder, its checkpoints/ folder or one checkpoint folder; or pass `model` (and
         optionally `tokenizer`, `eos_token_id`) directly: the LLM then uses that module for inference
-        (in eval mode; on CPU the cached path decodes with a copy whose linear weights are stored
-        column-major, values unchanged, see engine/cpu_speed.py).
+        (in eval mode; on CPU the cached path decodes with a copy, taken here, whose linear weights
+        are stored column-major, see engine/cpu_speed.py: make a new LLM after changing the weights).
 
         num_blocks is the KV budget in blocks; None sizes it to hold max_num_seqs full-context
         sequences, capped by kv_cache_memory bytes (default: 30% of the free memory on the device).
