@@ -110,9 +110,8 @@ class BlockManager:
                 self._forget(b)
                 self.free_plain.append(b)
 
-    def _register(self, b: int, parent: Optional[int], tokens: tuple) -> None:
+    def _register(self, b: int, parent: Optional[int], tokens: tuple, key: bytes) -> None:
         """Key block b (its K/V written) as holding tokens after the prefix of block `parent` (None: none)."""
-        key = block_hash(b"" if parent is None else self.block_key[parent], tokens)
         old = self.key_to_block.get(key)
         if old is not None and old != b and self.ref_count[old] == 0:
             # An older copy of this content sits in the cached free list (e.g. its parent was evicted
@@ -129,15 +128,23 @@ class BlockManager:
         bs = self.block_size
         return tuple(seq.token_ids[i * bs:(i + 1) * bs])
 
+    def _keys(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The keys of seq's first num_blocks full blocks. Kept on the sequence and extended as it
+        grows (its tokens are only ever appended), so each key is hashed once, not at every step
+        that looks at a waiting sequence."""
+        keys = seq.block_keys
+        for i in range(len(keys), num_blocks):
+            keys.append(block_hash(keys[-1] if keys else b"", self._tokens_of(seq, i)))
+        return keys
+
     # ---- admission (prefill) --------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding the longest cached run of seq's full blocks (prompt and any output so far)."""
         if not self.enable_prefix_caching:
             return []
-        hits, key, parent = [], b"", 0  # parent: the serial of the last hit
-        for i in range(seq.num_tokens // self.block_size):
+        hits, parent = [], 0  # parent: the serial of the last hit
+        for i, key in enumerate(self._keys(seq, seq.num_tokens // self.block_size)):
             tokens = self._tokens_of(seq, i)
-            key = block_hash(key, tokens)
             b = self.key_to_block.get(key)
             if b is None or self.block_tokens[b] != tokens or self.block_parent[b] != parent:
                 break
@@ -211,7 +218,7 @@ class BlockManager:
             parent = seq.block_table[i - 1] if i else None
             if parent is not None and self.block_key[parent] is None:
                 return  # the chain is broken (an earlier block is unregistered): nothing to key it by
-            self._register(b, parent, self._tokens_of(seq, i))
+            self._register(b, parent, self._tokens_of(seq, i), self._keys(seq, i + 1)[i])
 
     # ---- sharing and release --------------------------------------------------------------------
     def fork(self, parent: Sequence, child: Sequence) -> None:
