@@ -1,15 +1,19 @@
-"""Inference: a paged KV cache with continuous batching (see engine/llm.py for the API).
+"""Inference: a paged KV cache with continuous batching (see engine/llm.py for the API and
+docs/engine.md for one request followed through these files).
 
-    block_manager.py   the allocator: blocks, refcounts, block tables, prefix cache, copy-on-write
-    sequence.py        one sample of one request (plain data)
-    scheduler.py       waiting/running queues, admission, preemption, retirement
-    core.py            the online engine: add_request / step / abort on one scheduler
-    async_engine.py    one thread owns the core; asyncio callers (serve.py) enqueue and await
-    text.py            stop strings and streamed text
-    kv_cache.py        the cache object the attention layers call, and the step metadata
-    model_runner.py    packs a batch into one forward, returns next-token logits
-    sampler.py         greedy, temperature, top-k, top-p, min-p, repetition penalty; per-request RNG
-    llm.py             LLM(ckpt).generate(prompts, SamplingParams(...)), offline, on the core
+    llm.py               LLM(ckpt).generate(prompts, SamplingParams(...)), offline, on the core
+    core.py              the online engine: add_request / step / abort on one scheduler
+    text.py              stop strings and streamed text
+    scheduler.py         waiting/running queues, admission, preemption, retirement
+    sequence.py          one sample of one request (plain data)
+    block_manager.py     the allocator: blocks, refcounts, block tables, prefix cache, copy-on-write
+    model_runner.py      turns a batch into StepInputs and runs one forward over the cache
+    kv_cache.py          the K/V buffers, StepInputs, and the protocol of a forward over them
+    attention_gather.py  attention backend: PyTorch gather + SDPA (all prefill; the reference decode)
+    attention_cpu.py     attention backend: decode through the C++ paged kernel (CPU)
+    attention_triton.py  attention backend: decode through the Triton paged kernel (CUDA)
+    cpu_speed.py         CPU speed tricks that change no value (column-major weights, index tensors)
+    sampler.py           greedy, temperature, top-k, top-p, min-p, repetition penalty; per-request RNG
 """
 
 from .block_manager import BlockManager

@@ -12,18 +12,27 @@ Every block is in exactly one of three states:
                   its K/V is still valid and a prefix hit revives it; evicted lazily, LRU, only
                   when no plain free block is left)
 
-Prefix caching keys a *full* block by hash((parent key, its token ids)), the parent key being the key
-of the previous block (None for the first block), so a key names a whole prefix. A hit also compares
-the stored token ids and parent key, so a hash collision cannot hand out the wrong K/V.
+Prefix caching keys a *full* block by sha256(parent key + its token ids), the parent key being the key
+of the previous block (b"" for the first block), so a key names a whole prefix and nobody can craft
+prompts whose keys collide (vLLM chains sha256 the same way since CVE-2025-25183). Correctness does
+not rest on the hash: a hit also checks the block's own token ids and that it was registered as the
+child of the block matched just before it (each registration gets a serial number that a block's
+children record), so by induction a hit chain holds exactly the query's prefix even if keys collide.
+A block is registered only once its K/V are in the cache (`mark_computed`, after the forward that
+wrote them): a forward that fails leaves no key pointing at unwritten K/V.
 
 Invariants (`check()` asserts them; the randomized test runs it after every operation):
   - len(free_plain) + len(free_cached) + #used == num_blocks, and the three sets are disjoint;
   - ref_count[b] == the number of block tables holding b, never negative; no free block is in a table;
-  - key_to_block[k] == b  =>  block_key[b] == k and hash((block_parent[b], block_tokens[b])) == k;
+  - key_to_block[k] == b  =>  block_key[b] == k, b holds block_size tokens, and b's parent serial is
+    older than its own;
   - a block whose position p is about to be written is held by exactly one table (copy-on-write).
 """
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
+from itertools import count
 from typing import Iterable, Optional
 
 from .sequence import Sequence
@@ -33,8 +42,9 @@ class NoFreeBlocks(RuntimeError):
     """Raised when asked for a block with none free: callers check can_allocate/can_append first."""
 
 
-def block_hash(parent_key: Optional[int], tokens: tuple) -> int:
-    return hash((parent_key, tokens))
+def block_hash(parent_key: bytes, tokens: tuple) -> bytes:
+    """sha256 over the parent's key and the block's token ids (int64 bytes): a few microseconds per block."""
+    return hashlib.sha256(parent_key + array("q", tokens).tobytes()).digest()
 
 
 class BlockManager:
@@ -44,10 +54,12 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.block_key: list[Optional[int]] = [None] * num_blocks
-        self.block_parent: list[Optional[int]] = [None] * num_blocks
+        self.block_key: list[Optional[bytes]] = [None] * num_blocks
         self.block_tokens: list[Optional[tuple]] = [None] * num_blocks
-        self.key_to_block: dict[int, int] = {}
+        self.block_serial = [0] * num_blocks  # of its registration; 0 = none (and "no parent")
+        self.block_parent = [0] * num_blocks  # the serial its parent block had when it was registered
+        self.key_to_block: dict[bytes, int] = {}
+        self._serials = count(1)
         self.free_plain: deque[int] = deque(range(num_blocks))
         self.free_cached: OrderedDict[int, None] = OrderedDict()
         # Accounting.
@@ -84,7 +96,8 @@ class BlockManager:
         key = self.block_key[b]
         if key is not None and self.key_to_block.get(key) == b:
             del self.key_to_block[key]
-        self.block_key[b] = self.block_parent[b] = self.block_tokens[b] = None
+        self.block_key[b] = self.block_tokens[b] = None
+        self.block_serial[b] = self.block_parent[b] = 0
 
     def _release(self, b: int) -> None:
         self.ref_count[b] -= 1
@@ -97,8 +110,8 @@ class BlockManager:
                 self._forget(b)
                 self.free_plain.append(b)
 
-    def _register(self, b: int, parent: Optional[int], tokens: tuple) -> int:
-        key = block_hash(parent, tokens)
+    def _register(self, b: int, parent: Optional[int], tokens: tuple, key: bytes) -> None:
+        """Key block b (its K/V written) as holding tokens after the prefix of block `parent` (None: none)."""
         old = self.key_to_block.get(key)
         if old is not None and old != b and self.ref_count[old] == 0:
             # An older copy of this content sits in the cached free list (e.g. its parent was evicted
@@ -106,28 +119,37 @@ class BlockManager:
             del self.free_cached[old]
             self._forget(old)
             self.free_plain.append(old)
-        self.block_key[b], self.block_parent[b], self.block_tokens[b] = key, parent, tokens
+        self.block_key[b], self.block_tokens[b] = key, tokens
+        self.block_serial[b] = next(self._serials)
+        self.block_parent[b] = 0 if parent is None else self.block_serial[parent]
         self.key_to_block[key] = b  # a used block with the same content keeps its key; the newest wins
-        return key
 
     def _tokens_of(self, seq: Sequence, i: int) -> tuple:
         bs = self.block_size
         return tuple(seq.token_ids[i * bs:(i + 1) * bs])
+
+    def _keys(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The keys of seq's first num_blocks full blocks. Kept on the sequence and extended as it
+        grows (its tokens are only ever appended), so each key is hashed once, not at every step
+        that looks at a waiting sequence."""
+        keys = seq.block_keys
+        for i in range(len(keys), num_blocks):
+            keys.append(block_hash(keys[-1] if keys else b"", self._tokens_of(seq, i)))
+        return keys
 
     # ---- admission (prefill) --------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding the longest cached run of seq's full blocks (prompt and any output so far)."""
         if not self.enable_prefix_caching:
             return []
-        hits, parent = [], None
-        for i in range(seq.num_tokens // self.block_size):
+        hits, parent = [], 0  # parent: the serial of the last hit
+        for i, key in enumerate(self._keys(seq, seq.num_tokens // self.block_size)):
             tokens = self._tokens_of(seq, i)
-            key = block_hash(parent, tokens)
             b = self.key_to_block.get(key)
             if b is None or self.block_tokens[b] != tokens or self.block_parent[b] != parent:
                 break
             hits.append(b)
-            parent = key
+            parent = self.block_serial[b]
         return hits
 
     def can_allocate(self, seq: Sequence, hits: Optional[list[int]] = None) -> bool:
@@ -138,30 +160,18 @@ class BlockManager:
     def allocate(self, seq: Sequence, hits: Optional[list[int]] = None) -> None:
         """Give a waiting sequence blocks for all its tokens, sharing cached prefix blocks.
 
-        Full blocks this sequence will compute are registered in the prefix cache now, before the
-        forward fills them: an identical prompt admitted in the same step then shares them instead
-        of allocating its own (the forward writes every new K/V before any attention reads it).
-        Sets seq.num_cached_tokens = seq.num_computed_tokens = tokens covered by hits."""
+        The new blocks are registered by mark_computed once the forward has filled them, so an
+        identical prompt admitted in the same step computes its own copy (the newest copy keeps the
+        key). Sets seq.num_cached_tokens = seq.num_computed_tokens = tokens covered by hits."""
         assert not seq.block_table, "allocate() on a sequence that already holds blocks"
         hits = self.match_prefix(seq) if hits is None else hits
         if not self.can_allocate(seq, hits):
             raise NoFreeBlocks(f"sequence {seq.seq_id} needs more blocks than are free")
-        table, parent = [], None
         for b in hits:
             if self.ref_count[b] == 0:
                 del self.free_cached[b]
             self.ref_count[b] += 1
-            table.append(b)
-            parent = self.block_key[b]
-        chain = True  # every earlier block is registered, so this one's parent key is known
-        for i in range(len(hits), self.blocks_for(seq.num_tokens)):
-            b = self._take_free()
-            table.append(b)
-            if self.enable_prefix_caching and chain and (i + 1) * self.block_size <= seq.num_tokens:
-                parent = self._register(b, parent, self._tokens_of(seq, i))
-            else:
-                chain = False
-        seq.block_table = table
+        seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         self.prefix_query_tokens += seq.num_tokens
         self.prefix_hit_tokens += seq.num_cached_tokens
@@ -205,10 +215,10 @@ class BlockManager:
             b = seq.block_table[i]
             if self.block_key[b] is not None:
                 continue
-            parent = self.block_key[seq.block_table[i - 1]] if i else None
-            if i and parent is None:
+            parent = seq.block_table[i - 1] if i else None
+            if parent is not None and self.block_key[parent] is None:
                 return  # the chain is broken (an earlier block is unregistered): nothing to key it by
-            self._register(b, parent, self._tokens_of(seq, i))
+            self._register(b, parent, self._tokens_of(seq, i), self._keys(seq, i + 1)[i])
 
     # ---- sharing and release --------------------------------------------------------------------
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -248,5 +258,5 @@ class BlockManager:
             assert self.block_key[b] is None
         for key, b in self.key_to_block.items():
             assert self.block_key[b] == key, f"key points to block {b} which holds another key"
-            assert block_hash(self.block_parent[b], self.block_tokens[b]) == key
             assert len(self.block_tokens[b]) == self.block_size
+            assert 0 <= self.block_parent[b] < self.block_serial[b]

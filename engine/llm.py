@@ -35,7 +35,7 @@ from model import ModelConfig, Transformer
 from .block_manager import BlockManager
 from .core import EngineCore, GenerationStats, Request, check_prompt, fork_samples, new_request, stop_checker
 from .kv_cache import PagedKVCache
-from .model_runner import ModelRunner, use_column_major_linears
+from .model_runner import ModelRunner
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import check_finished
@@ -96,7 +96,8 @@ class LLM:
                  paged_kernel: bool = True):
         """ckpt: a run folder, its checkpoints/ folder or one checkpoint folder; or pass `model` (and
         optionally `tokenizer`, `eos_token_id`) directly: the LLM then uses that module for inference
-        (eval mode; on CPU its linear weights are re-laid out column-major, values unchanged).
+        (in eval mode; on CPU the cached path decodes with a copy, taken here, whose linear weights
+        are stored column-major, see engine/cpu_speed.py: make a new LLM after changing the weights).
 
         num_blocks is the KV budget in blocks; None sizes it to hold max_num_seqs full-context
         sequences, capped by kv_cache_memory bytes (default: 30% of the free memory on the device).
@@ -126,8 +127,6 @@ class LLM:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if self.device.type == "cpu":
-            use_column_major_linears(model)  # faster small-batch GEMMs; values unchanged
         self.model, self.tokenizer, self.eos_token_id = model, tokenizer, eos_token_id
         self.cfg: ModelConfig = model.cfg
         self.dtype, self.use_cache = dtype, use_cache
@@ -147,7 +146,8 @@ class LLM:
         self.num_blocks = num_blocks
         self.cache = PagedKVCache(self.cfg, num_blocks, block_size, dtype, self.device, paged_kernel)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.cache, compile=compile)
+        self.runner = ModelRunner(self.model, self.cache, compile=compile, column_major=self.device.type == "cpu")
+        self.model = self.runner.model  # on CPU a copy with column-major linear weights; the caller's is unchanged
         self.core = EngineCore(self.runner, self.cache, self.block_manager, max_seq_len=self.cfg.max_seq_len,
                                vocab_size=self.cfg.vocab_size, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=self.max_num_batched_tokens, eos_token_id=eos_token_id,

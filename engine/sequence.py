@@ -6,6 +6,8 @@ Invariants (kept by the block manager and the scheduler):
   - num_computed_tokens tokens (a prefix of token_ids) have their K/V in the cache. Between steps a
     running sequence has num_computed_tokens == num_tokens - 1: only the last sampled token is new.
   - A waiting sequence owns no blocks (block_table == []) and num_computed_tokens == 0.
+  - token_ids only grow (appended to, never changed), so block_keys[i], the prefix-cache key of
+    token_ids[:(i + 1) * block_size], stays valid once computed.
 """
 
 import enum
@@ -38,6 +40,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at the last admission
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache key of each full block so far (block_manager.py)
     forks_pending: int = 0  # samples still to fork from this one once its prompt is computed
     finish_reason: Optional[str] = None
     stop_text_len: Optional[int] = None  # where the output text is cut when a stop string ended it
@@ -48,13 +51,5 @@ class Sequence:
         return len(self.token_ids)
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is Status.FINISHED

@@ -64,10 +64,6 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def set_attention_backend(self, backend: str) -> None:
-        for layer in self.layers:
-            layer.attn.backend = backend
-
     def num_params(self, include_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if not include_embedding:

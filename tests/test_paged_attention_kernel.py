@@ -162,7 +162,7 @@ def test_cpu_kernel_reports_a_missing_compiler(monkeypatch, tmp_path):
     assert "no C++ compiler 'no-such-compiler'" in paged_attention_cpu.cpu_kernel_error()
     with pytest.warns(UserWarning, match="gather path"):
         cache = PagedKVCache(tiny_config("gqa"), 8, 4, torch.float32, "cpu")
-    assert cache.decode_kernel is None
+    assert cache.decode_backend.name == "gather"
     with pytest.raises(RuntimeError, match="unavailable: no C"):
         paged_attention_decode_cpu(**_bad())
     assert not any(tmp_path.rglob("*.so"))
