@@ -21,6 +21,16 @@ def pretrained(corpus, data_cache, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def hf_pretrained(tmp_path_factory):
+    """A Llama 3-layout folder written by transformers itself (untied GQA, theta 500000, llama3 scaling)."""
+    from test_import_hf import save_random
+
+    folder = tmp_path_factory.mktemp("hf_llama")
+    save_random(folder, "llama")
+    return folder
+
+
 def test_init_from_takes_weights_config_and_tokenizer(pretrained, corpus, data_cache, tmp_path):
     out = tmp_path / "ft"
     # Another model size and vocabulary asked for: the checkpoint's model and tokenizer win.
@@ -38,7 +48,10 @@ def test_init_from_takes_weights_config_and_tokenizer(pretrained, corpus, data_c
     assert state["step"] == 2 and all(s["step"] == 2 for s in state["optimizer"]["state"].values())
 
 
-def test_fine_tune_resumes_exactly(pretrained, corpus, data_cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["ours", "hf"])
+def test_fine_tune_resumes_exactly(source, request, corpus, data_cache, tmp_path, monkeypatch):
+    """From one of our runs, or from a Hugging Face folder (README: fine-tuning a model on a new corpus)."""
+    pretrained = request.getfixturevalue("pretrained" if source == "ours" else "hf_pretrained")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     base = [f"train.init_from={pretrained}", "train.lr=1e-3", "train.warmup_steps=1"]
     cfg = compose_config(tiny_overrides(corpus, data_cache, straight) + base)
