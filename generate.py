@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, one sample)")
     p.add_argument("--no-cache", action="store_true", help="decode by full recompute (the slow reference)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="CPU: int8 weights with per-channel scales for every linear layer (engine/quantize.py)")
     p.add_argument("--compile", action="store_true",
                    help="CPU: torch.compile the decode step (a one-off 10-60 s compilation; faster decoding "
                         "for long or many generations; needs a C++ compiler)")
@@ -162,8 +164,8 @@ def run(args) -> int:
                          "drop it or add --device cpu")
     try:
         llm = LLM(args.ckpt, device=device, block_size=args.block_size, num_blocks=args.num_blocks,
-                  use_cache=not args.no_cache, compile=args.compile)
-    except CheckpointError as e:
+                  use_cache=not args.no_cache, compile=args.compile, quantize=args.quantize)
+    except (CheckpointError, ValueError) as e:
         raise InputError(str(e)) from None
 
     try:

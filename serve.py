@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server on the online engine, with a browser playground.
 
     python serve.py --ckpt runs/a [--host 127.0.0.1] [--port 8000] [--max-num-seqs 64] [--num-blocks N]
-                    [--max-queue 256] [--compile] [--model-name NAME]
+                    [--max-queue 256] [--compile] [--quantize int8] [--model-name NAME]
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true for server-sent
 events), GET /v1/models, GET /health, GET /metrics (Prometheus text), GET / (the playground,
@@ -498,6 +498,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="CPU: torch.compile the decode step (see generate.py)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="CPU: int8 weights (see generate.py)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     return p.parse_args(argv)
@@ -522,9 +523,9 @@ def main(argv=None) -> int:
         device = None if args.device == "auto" else check_device(args.device)
         try:
             llm = LLM(args.ckpt, device=device, block_size=args.block_size, num_blocks=args.num_blocks,
-                      max_num_seqs=args.max_num_seqs, compile=args.compile)
+                      max_num_seqs=args.max_num_seqs, compile=args.compile, quantize=args.quantize)
             template = load_chat_template(args.ckpt)
-        except CheckpointError as e:
+        except (CheckpointError, ValueError) as e:
             raise InputError(str(e)) from None
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -36,6 +36,7 @@ from .block_manager import BlockManager
 from .core import EngineCore, GenerationStats, Request, check_prompt, fork_samples, new_request, stop_checker
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
+from .quantize import quantize_int8
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import check_finished
@@ -93,7 +94,7 @@ class LLM:
                  block_size: int = 16, num_blocks: Optional[int] = None, kv_cache_memory: Optional[int] = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None,
                  enable_prefix_caching: bool = True, use_cache: bool = True, compile: bool = False,
-                 paged_kernel: bool = True):
+                 paged_kernel: bool = True, quantize: Optional[str] = None):
         """ckpt: a run folder, its checkpoints/ folder or one checkpoint folder; or pass `model` (and
         optionally `tokenizer`, `eos_token_id`) directly: the LLM then uses that module for inference
         (in eval mode; on CPU the cached path decodes with a copy, taken here, whose linear weights
@@ -108,7 +109,10 @@ class LLM:
         holds the weights as constants, so make a new LLM after changing them): on the 2-core CPU of the
         README, 1.6-2x the eager decode tokens/s at batch 1 and 16. paged_kernel=False decodes
         through the PyTorch gather path instead of the paged-attention kernel (Triton on CUDA; on CPU a
-        C++ kernel, built on first use in about 15 s: see kernels/paged_attention_cpu.py)."""
+        C++ kernel, built on first use in about 15 s: see kernels/paged_attention_cpu.py).
+        quantize="int8" (CPU) runs every linear layer with int8 weights and per-channel scales
+        (engine/quantize.py; a copy, the caller's model is unchanged), on both the cached and the
+        full-recompute path."""
         self.device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -127,6 +131,13 @@ class LLM:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"unknown quantize '{quantize}': choose int8 or leave it unset")
+        if quantize and (self.device.type != "cpu" or dtype != torch.float32):
+            raise ValueError("quantize='int8' is for float32 decoding on CPU (its kernel is a CPU kernel)")
+        if quantize:
+            model = quantize_int8(model)
+        self.quantize = quantize
         self.model, self.tokenizer, self.eos_token_id = model, tokenizer, eos_token_id
         self.cfg: ModelConfig = model.cfg
         self.dtype, self.use_cache = dtype, use_cache

@@ -193,3 +193,34 @@ def test_loads_beside_the_paged_attention_kernel():
             "assert paged_attention_cpu.cpu_kernel_error() is None\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_llm_int8_decodes_like_full_recompute_of_the_dequantized_model(attention):
+    """LLM(quantize="int8") on the paged cache (and its full-recompute path) gives the greedy tokens of
+    the dequantized fp32 model recomputed in full; the caller's model is untouched."""
+    from engine import LLM, SamplingParams
+
+    model = tiny_model(attention, seed=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    skip = {f"layers.{i}.attn.wkv_b" for i in range(model.cfg.n_layers)} if attention == "mla" else set()
+    prompts = [[5, 60, 7, 200], list(range(40, 72)), [3] * 20]
+    greedy = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True, return_logits=True)
+    ref = LLM(model=dequantized_copy(model, skip), device="cpu", use_cache=False).generate(prompts, greedy)
+    fp32 = LLM(model=model, device="cpu", use_cache=False).generate(prompts, greedy)
+    for use_cache in (True, False):
+        out = LLM(model=model, device="cpu", quantize="int8", block_size=4, use_cache=use_cache).generate(prompts, greedy)
+        assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+        for o, r, f in zip(out, ref, fp32):
+            torch.testing.assert_close(o.outputs[0].logits, r.outputs[0].logits, atol=1e-4, rtol=0)
+            assert (o.outputs[0].logits[:1] - f.outputs[0].logits[:1]).abs().max() > 1e-3  # int8 is not fp32
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_llm_int8_refuses_what_it_cannot_run():
+    from engine import LLM
+
+    with pytest.raises(ValueError, match="unknown quantize 'int4'"):
+        LLM(model=tiny_model("gqa"), device="cpu", quantize="int4")
+    with pytest.raises(ValueError, match="float32 decoding on CPU"):
+        LLM(model=tiny_model("gqa"), device="cpu", dtype=torch.bfloat16, quantize="int8")
