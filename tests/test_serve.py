@@ -1,7 +1,10 @@
 """serve.py as users run it: a real uvicorn server on 127.0.0.1 and real clients (openai, httpx).
 
 Every output is compared with the offline LLM.generate of the same request in this process (the
-engine's own tests compare that with full recompute)."""
+engine's own tests compare that with full recompute). No outcome depends on the machine's speed: where
+it would hang on which thread is faster (requests overlapping, a client leaving mid-request, SIGTERM
+mid-stream), the test holds the engine's steps with a StepGate (tests/gated_serve.py), and every wait
+is only an upper bound on something that must happen."""
 
 import asyncio
 import json
@@ -329,6 +332,8 @@ def test_queue_limit_and_sigterm_drain(run_dir, llm):
                     httpx.get(s.url + "/health", timeout=300)
                 except httpx.ConnectError:
                     return True
+                except httpx.TransportError:  # accepted just before the listening socket closed, then dropped
+                    pass
                 return False
 
             until(refused, "the server to stop accepting connections")
@@ -483,7 +488,7 @@ def test_bad_command_lines_give_one_line_errors(tmp_path):
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (args, _) in cases.items()}
     for name, p in procs.items():
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=300)  # an upper bound: python and torch start
         lines = err.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
         assert cases[name][1] in lines[0] and out == "", (name, lines[0])
