@@ -251,10 +251,11 @@ def test_32_concurrent_streams_each_as_alone_and_batched(inproc, gate, llm):
 
 def test_client_disconnect_aborts_and_frees_blocks(inproc, gate):
     """A client that closes its stream after the first event, while the engine is held before the
-    request's second step: the server notices, aborts the request (2 of its 250 tokens made), frees
-    its blocks."""
+    request's second step: the server notices, aborts the request (at most 2 of its 250 tokens made),
+    frees its blocks."""
     before = inproc.metrics()
-    body = {"prompt": "To be", "max_tokens": 250, "stream": True, "ignore_eos": True}
+    # logprobs: every token is an event (a token's text alone may be held back: half a character)
+    body = {"prompt": "To be", "max_tokens": 250, "stream": True, "ignore_eos": True, "logprobs": 0}
     gate.allow(1)  # the prefill: the first token, the 200 and the first event
     with inproc.http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -266,12 +267,13 @@ def test_client_disconnect_aborts_and_frees_blocks(inproc, gate):
     # The handler queued the abort in the same synchronous stretch that left num_in_flight at 0, so a
     # round trip through the server's event loop proves it is in the engine's inbox before its next step.
     assert inproc.http.get("/health").status_code == 200
-    gate.open()  # step 2 runs, then the engine takes the abort
+    gate.open()  # the held step runs (unless the engine took the abort first), then the abort
     until(lambda: any(inproc.metrics()[f"smallllm_requests_{k}_total"] > before[f"smallllm_requests_{k}_total"]
                       for k in ("aborted", "finished")), "the request to end")
     after = inproc.metrics()
     assert after["smallllm_requests_aborted_total"] == before["smallllm_requests_aborted_total"] + 1
-    assert after["smallllm_generation_tokens_total"] - before["smallllm_generation_tokens_total"] == 2
+    # the prefill's token and at most the held step's (the engine may have taken the abort before it)
+    assert after["smallllm_generation_tokens_total"] - before["smallllm_generation_tokens_total"] <= 2
     assert after["smallllm_kv_blocks_used"] == 0 and after["smallllm_requests_running"] == 0
 
 
@@ -317,7 +319,8 @@ def test_queue_limit_and_sigterm_drain(run_dir, llm):
     stream still completes once the engine goes on, then the server exits."""
     s = Server(run_dir, "--max-num-seqs", 1, "--max-queue", 0, "--drain-timeout", 600, gated=True)
     try:
-        body = {"prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
+        body = {"prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True,
+                "logprobs": 0}  # every token is an event (a token's text alone may be held back)
         s.proc.stdin.write("x")  # one step: the prefill, whose token is the first event
         s.proc.stdin.flush()
         with s.http.stream("POST", "/v1/completions", json=body) as r:
