@@ -1,7 +1,10 @@
 """serve.py as users run it: a real uvicorn server on 127.0.0.1 and real clients (openai, httpx).
 
 Every output is compared with the offline LLM.generate of the same request in this process (the
-engine's own tests compare that with full recompute)."""
+engine's own tests compare that with full recompute). No outcome depends on the machine's speed: where
+it would hang on which thread is faster (requests overlapping, a client leaving mid-request, SIGTERM
+mid-stream), the test holds the engine's steps with a StepGate (tests/gated_serve.py), and every wait
+is only an upper bound on something that must happen."""
 
 import asyncio
 import json
@@ -17,19 +20,41 @@ import httpx
 import pytest
 
 from builders import write_checkpoint
+from gated_serve import StepGate
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Server:
-    """serve.py in a subprocess on a free port (--port 0; the port is read from uvicorn's log)."""
+def until(condition, what: str, bound: float = 300.0):
+    """Wait for something that must happen (another thread or process catches up). The bound only turns
+    a hang into a failure; nothing races it."""
+    deadline = time.monotonic() + bound
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for {what} after {bound:.0f} s")
+        time.sleep(0.01)
 
-    def __init__(self, ckpt, *args):
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", str(ckpt), "--port", "0",
+
+class Running:
+    """What the tests do with a running server at self.url (self.http is an httpx client on it)."""
+
+    def metrics(self) -> dict:
+        text = self.http.get("/metrics").text
+        return {k: float(v) for k, v in (line.split(" ") for line in text.splitlines() if not line.startswith("#"))}
+
+
+class Server(Running):
+    """serve.py in a subprocess on a free port (--port 0; the port is read from uvicorn's log). gated:
+    run through tests/gated_serve.py, whose engine takes one step per byte written to self.proc.stdin
+    (and all of them once it is closed)."""
+
+    def __init__(self, ckpt, *args, gated=False):
+        script = ROOT / "tests" / "gated_serve.py" if gated else ROOT / "serve.py"
+        self.proc = subprocess.Popen([sys.executable, str(script), "--ckpt", str(ckpt), "--port", "0",
                                       *map(str, args)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, stdin=subprocess.PIPE if gated else None, text=True)
         self.log = []
         for line in self.proc.stderr:
             self.log.append(line)
@@ -40,26 +65,49 @@ class Server:
             raise RuntimeError("serve.py did not start:\n" + "".join(self.log))
         self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
         self.reader.start()
-        self.http = httpx.Client(base_url=self.url, timeout=120)
-
-    def metrics(self) -> dict:
-        text = self.http.get("/metrics").text
-        return {k: float(v) for k, v in (line.split(" ") for line in text.splitlines() if not line.startswith("#"))}
-
-    def wait_metric(self, name, predicate):
-        """Poll /metrics until predicate(value) holds (the engine thread catches up asynchronously)."""
-        for _ in range(600):
-            value = self.metrics()[name]
-            if predicate(value):
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"{name} stayed at {value}")
+        self.http = httpx.Client(base_url=self.url, timeout=300)
 
     def stop(self):
         self.http.close()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()  # open the gate: a held engine would keep SIGTERM's drain waiting
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=60)
+            self.proc.wait(timeout=300)
+
+
+class InProcess(Running):
+    """serve.py's app (create_app) under uvicorn in a thread of this process, on a free port, with its
+    engine's steps behind a StepGate the test holds and opens (self.gate), and the app's state at hand
+    (self.app.engine.num_in_flight: requests the handlers have handed to the engine thread)."""
+
+    def __init__(self, ckpt, max_num_seqs: int):
+        import socket
+
+        import uvicorn
+
+        from engine import LLM
+        from serve import Server as AppState, create_app
+
+        llm = LLM(ckpt, device="cpu", max_num_seqs=max_num_seqs)
+        self.gate = StepGate(llm.core)
+        self.gate.open()
+        self.app = AppState(llm, "run", max_queue=256, chat_template=None)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(self.app), log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        until(lambda: self.uvicorn.started or not self.thread.is_alive(), "uvicorn to start")
+        assert self.uvicorn.started, "uvicorn did not start"
+        self.http = httpx.Client(base_url=self.url, timeout=300)
+
+    def stop(self):
+        self.http.close()
+        self.gate.open()
+        self.uvicorn.should_exit = True
+        self.thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +120,21 @@ def server(run_dir):
     s = Server(run_dir, "--max-num-seqs", 32)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def inproc(run_dir):
+    s = InProcess(run_dir, max_num_seqs=32)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def gate(inproc):
+    """The in-process server's engine held at its next step for this test (opened again after it)."""
+    inproc.gate.hold()
+    yield inproc.gate
+    inproc.gate.open()
 
 
 @pytest.fixture(scope="module")
@@ -149,13 +212,16 @@ def test_completions_and_chat_match_offline_generate(server, llm):
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == ref.text
 
 
-def test_32_concurrent_streams_each_as_alone_and_batched(server, llm):
+def test_32_concurrent_streams_each_as_alone_and_batched(inproc, gate, llm):
+    """32 streams at once: each gets what it gets alone (its seed), and they are decoded together. The
+    engine is held until all 32 requests reached it, so they share decode steps by construction: at
+    most the longest request's count (16 tokens: a prefill and 15 decode steps)."""
     from openai import AsyncOpenAI
 
     prompts = [f"To be, or not {i}" if i % 2 else "Once upon a time " * (1 + i % 5) for i in range(32)]
     refs = [offline(llm, p, temperature=1.0, seed=i, max_new_tokens=8 + i % 9, ignore_eos=True).text
             for i, p in enumerate(prompts)]
-    before = server.metrics()
+    before = inproc.metrics()
 
     async def one(c, i):
         stream = await c.completions.create(model="run", prompt=prompts[i], max_tokens=8 + i % 9, seed=i,
@@ -163,34 +229,52 @@ def test_32_concurrent_streams_each_as_alone_and_batched(server, llm):
         return "".join([ch.choices[0].text async for ch in stream if ch.choices])
 
     async def all_of_them():
-        c = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        c = AsyncOpenAI(base_url=inproc.url + "/v1", api_key="unused", max_retries=0)
         try:
-            return await asyncio.gather(*(one(c, i) for i in range(32)))
+            streams = [asyncio.create_task(one(c, i)) for i in range(32)]
+            while inproc.app.engine.num_in_flight < 32:  # bounded by wait_for below
+                await asyncio.sleep(0.01)
+            gate.open()
+            return await asyncio.gather(*streams)
         finally:
             await c.close()
 
-    assert asyncio.run(all_of_them()) == refs
-    after = server.metrics()
+    assert asyncio.run(asyncio.wait_for(all_of_them(), 300)) == refs
+    after = inproc.metrics()
     steps = after["smallllm_decode_steps_total"] - before["smallllm_decode_steps_total"]
     tokens = after["smallllm_decode_tokens_total"] - before["smallllm_decode_tokens_total"]
-    assert tokens / steps > 2, f"{tokens} decode tokens in {steps} steps: the requests did not share steps"
+    assert steps <= 15, f"{tokens} decode tokens in {steps} steps: the requests did not share steps"
+    assert tokens == sum(8 + i % 9 - 1 for i in range(32))
     assert after["smallllm_requests_finished_total"] - before["smallllm_requests_finished_total"] == 32
     assert after["smallllm_kv_blocks_used"] == 0
 
 
-def test_client_disconnect_aborts_and_frees_blocks(server):
-    aborted = server.metrics()["smallllm_requests_aborted_total"]
-    body = {"prompt": "To be", "max_tokens": 250, "stream": True, "ignore_eos": True}
-    with server.http.stream("POST", "/v1/completions", json=body) as r:
+def test_client_disconnect_aborts_and_frees_blocks(inproc, gate):
+    """A client that closes its stream after the first event, while the engine is held before the
+    request's second step: the server notices, aborts the request (at most 2 of its 250 tokens made),
+    frees its blocks."""
+    before = inproc.metrics()
+    # logprobs: every token is an event (a token's text alone may be held back: half a character)
+    body = {"prompt": "To be", "max_tokens": 250, "stream": True, "ignore_eos": True, "logprobs": 0}
+    gate.allow(1)  # the prefill: the first token, the 200 and the first event
+    with inproc.http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         while not next(lines).startswith("data: "):
             pass
-        assert server.metrics()["smallllm_kv_blocks_used"] > 0
-    # closed after the first event: the server notices, aborts the request, frees its blocks
-    server.wait_metric("smallllm_requests_aborted_total", lambda v: v == aborted + 1)
-    server.wait_metric("smallllm_kv_blocks_used", lambda v: v == 0)
-    assert server.metrics()["smallllm_requests_running"] == 0
+        assert inproc.metrics()["smallllm_kv_blocks_used"] > 0
+    until(lambda: inproc.app.engine.num_in_flight == 0, "the server to notice the disconnect")
+    # The handler queued the abort in the same synchronous stretch that left num_in_flight at 0, so a
+    # round trip through the server's event loop proves it is in the engine's inbox before its next step.
+    assert inproc.http.get("/health").status_code == 200
+    gate.open()  # the held step runs (unless the engine took the abort first), then the abort
+    until(lambda: any(inproc.metrics()[f"smallllm_requests_{k}_total"] > before[f"smallllm_requests_{k}_total"]
+                      for k in ("aborted", "finished")), "the request to end")
+    after = inproc.metrics()
+    assert after["smallllm_requests_aborted_total"] == before["smallllm_requests_aborted_total"] + 1
+    # the prefill's token and at most the held step's (the engine may have taken the abort before it)
+    assert after["smallllm_generation_tokens_total"] - before["smallllm_generation_tokens_total"] <= 2
+    assert after["smallllm_kv_blocks_used"] == 0 and after["smallllm_requests_running"] == 0
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, llm):
@@ -229,17 +313,34 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, llm):
 
 
 def test_queue_limit_and_sigterm_drain(run_dir, llm):
-    """--max-num-seqs 1 --max-queue 0: a second request while one runs gets 429. SIGTERM while a stream
-    is in flight: the stream still completes, then the server exits and stops accepting."""
-    s = Server(run_dir, "--max-num-seqs", 1, "--max-queue", 0)
+    """The real command (tests/gated_serve.py: serve.py with the engine's steps fed from stdin), with
+    --max-num-seqs 1 --max-queue 0: a second request while one runs gets 429. SIGTERM while a stream is
+    in flight (the engine is held after its first token): the server stops accepting connections, the
+    stream still completes once the engine goes on, then the server exits."""
+    s = Server(run_dir, "--max-num-seqs", 1, "--max-queue", 0, "--drain-timeout", 600, gated=True)
     try:
-        body = {"prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
+        body = {"prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True,
+                "logprobs": 0}  # every token is an event (a token's text alone may be held back)
+        s.proc.stdin.write("x")  # one step: the prefill, whose token is the first event
+        s.proc.stdin.flush()
         with s.http.stream("POST", "/v1/completions", json=body) as r:
             events = (line[6:] for line in r.iter_lines() if line.startswith("data: "))
             text = json.loads(next(events))["choices"][0]["text"]
             busy = s.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
             assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
             s.proc.send_signal(signal.SIGTERM)
+
+            def refused():
+                try:
+                    httpx.get(s.url + "/health", timeout=300)
+                except httpx.ConnectError:
+                    return True
+                except httpx.TransportError:  # accepted just before the listening socket closed, then dropped
+                    pass
+                return False
+
+            until(refused, "the server to stop accepting connections")
+            s.proc.stdin.close()  # the engine runs freely: the stream completes
             for data in events:
                 if data == "[DONE]":
                     break
@@ -248,11 +349,9 @@ def test_queue_limit_and_sigterm_drain(run_dir, llm):
                 raise AssertionError("the stream ended without [DONE]")
         assert text == offline(llm, "Once", temperature=0, max_new_tokens=200, ignore_eos=True).text
         # uvicorn drains, shuts the app down, then re-raises the signal: the conventional exit for SIGTERM
-        assert s.proc.wait(timeout=60) == -signal.SIGTERM
-        s.reader.join(timeout=60)
+        assert s.proc.wait(timeout=300) == -signal.SIGTERM
+        s.reader.join(timeout=300)
         assert any("Finished server process" in line for line in s.log), "".join(s.log)
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(s.url + "/health")
     finally:
         s.stop()
 
@@ -268,8 +367,9 @@ def test_playground_in_headless_chromium(server, llm, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+            "--disable-component-update", "--disable-sync", "--no-first-run"], timeout=300_000)
         page = browser.new_page()
+        page.set_default_timeout(300_000)  # waits below are upper bounds on what must happen, not races
         try:
             page.goto(server.url + "/")
             page.wait_for_function("document.getElementById('model').textContent === 'run'")
@@ -330,8 +430,9 @@ def test_chat_template_from_tokenizer_config(run_dir, tmp_path):
 
 
 def test_engine_thread_fails_one_request_and_keeps_serving(run_dir):
-    """In-process: a failing prefill fails only the request in it (a running one finishes intact); a
-    failure outside any request (the scheduler) fails those in flight and the engine serves the next."""
+    """In-process: a failing prefill fails only the request in it (one running, held mid-request by the
+    gate until the failing one is queued, finishes intact); a failure outside any request (the
+    scheduler) fails those in flight and the engine serves the next."""
     from engine import LLM, SamplingParams
     from engine.async_engine import AsyncEngine
 
@@ -339,6 +440,7 @@ def test_engine_thread_fails_one_request_and_keeps_serving(run_dir):
     sp = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
     ref = llm.generate([[5, 6, 7]], sp)[0].token_ids
     engine = AsyncEngine(llm.core)
+    gate = StepGate(llm.core)
     real_run, real_schedule = llm.runner.run, llm.core.scheduler.schedule
 
     def failing_prefill(seqs, is_prefill):
@@ -352,11 +454,15 @@ def test_engine_thread_fails_one_request_and_keeps_serving(run_dir):
 
     async def scenario():
         a = engine.generate([5, 6, 7], sp)
-        tokens = [(await a.__anext__()).token]  # a is running
+        gate.allow(1)
+        tokens = [(await a.__anext__()).token]  # a is running; the engine is held before its next step
         llm.runner.run = failing_prefill
+        b = asyncio.create_task(engine.generate([9, 9], sp).__anext__())
+        while engine.num_in_flight < 2:  # b is in the engine's inbox (bounded by wait_for below)
+            await asyncio.sleep(0.01)
+        gate.open()
         with pytest.raises(RuntimeError, match="prefill failure"):
-            async for _ in engine.generate([9, 9], sp):
-                pass
+            await b
         llm.runner.run = real_run
         tokens += [up.token async for up in a]
         assert tokens == ref
@@ -385,7 +491,7 @@ def test_bad_command_lines_give_one_line_errors(tmp_path):
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (args, _) in cases.items()}
     for name, p in procs.items():
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=300)  # an upper bound: python and torch start
         lines = err.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
         assert cases[name][1] in lines[0] and out == "", (name, lines[0])
