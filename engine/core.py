@@ -32,6 +32,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .text import find_stop
+from .threads import ThreadGovernor
 
 
 def check_prompt(ids: list[int], max_seq_len: int, vocab_size: int, index: int = 0) -> None:
@@ -174,8 +175,10 @@ class GenerationStats:
 class EngineCore:
     def __init__(self, runner, cache, block_manager: BlockManager, *, max_seq_len: int, vocab_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, eos_token_id: Optional[int], tokenizer=None,
-                 stats: Optional[GenerationStats] = None):
+                 stats: Optional[GenerationStats] = None, adaptive_threads: bool = False):
         self.runner, self.cache, self.bm = runner, cache, block_manager
+        # On CPU: fewer torch threads while other processes take cores (engine/threads.py).
+        self.threads = ThreadGovernor() if adaptive_threads else None
         self.max_seq_len, self.vocab_size = max_seq_len, vocab_size
         self.scheduler = Scheduler(block_manager, max_num_seqs, max_num_batched_tokens, eos_token_id,
                                    stop_checker(tokenizer))
@@ -219,6 +222,8 @@ class EngineCore:
         """Schedule, run one forward, sample, retire. Returns one event per sequence that ran."""
         if not self.scheduler.has_unfinished():
             return []
+        if self.threads is not None:
+            self.threads.update()
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         run = batch.seqs

@@ -94,7 +94,7 @@ class LLM:
                  block_size: int = 16, num_blocks: Optional[int] = None, kv_cache_memory: Optional[int] = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None,
                  enable_prefix_caching: bool = True, use_cache: bool = True, compile: bool = False,
-                 paged_kernel: bool = True, quantize: Optional[str] = None):
+                 paged_kernel: bool = True, quantize: Optional[str] = None, adaptive_threads: bool = True):
         """ckpt: a run folder, its checkpoints/ folder or one checkpoint folder; or pass `model` (and
         optionally `tokenizer`, `eos_token_id`) directly: the LLM then uses that module for inference
         (in eval mode; on CPU the cached path decodes with a copy, taken here, whose linear weights
@@ -112,7 +112,9 @@ class LLM:
         C++ kernel, built on first use in about 15 s: see kernels/paged_attention_cpu.py).
         quantize="int8" (CPU) runs every linear layer with int8 weights and per-channel scales
         (engine/quantize.py; a copy, the caller's model is unchanged), on both the cached and the
-        full-recompute path."""
+        full-recompute path. adaptive_threads (CPU): before each step, lower torch's thread count
+        (process-wide) to the cores other processes leave free, never above the count torch had when
+        the LLM was made (engine/threads.py: with one core busy, 2 threads decoded 3-4x slower than 1)."""
         self.device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -162,7 +164,8 @@ class LLM:
         self.core = EngineCore(self.runner, self.cache, self.block_manager, max_seq_len=self.cfg.max_seq_len,
                                vocab_size=self.cfg.vocab_size, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=self.max_num_batched_tokens, eos_token_id=eos_token_id,
-                               tokenizer=tokenizer, stats=self._static_stats())
+                               tokenizer=tokenizer, stats=self._static_stats(),
+                               adaptive_threads=adaptive_threads and self.device.type == "cpu")
 
     # ---- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: Union[str, list[int]]) -> list[int]:

@@ -60,10 +60,12 @@ class ThreadGovernor:
     """Keeps torch's intra-op thread count at the number of cores other processes leave free."""
 
     def __init__(self, max_threads: Optional[int] = None, interval: float = 1.0):
+        """max_threads: never more (default: torch's thread count now, so a user's own
+        torch.set_num_threads(n) stays the ceiling)."""
         self.cores = available_cores()
-        self.max_threads, self.interval = max_threads, interval
+        self.max_threads, self.interval = max_threads or torch.get_num_threads(), interval
         self.enabled = os.path.exists("/proc/stat") and os.path.exists("/proc/self/stat")
-        self.threads = torch.get_num_threads()
+        self.threads = torch.get_num_threads()  # as last decided
         self._last = self._sample() if self.enabled else None
         self._next = time.monotonic() + interval
         self.changes = 0  # how often the count moved (reported by benchmarks)
@@ -87,7 +89,8 @@ class ThreadGovernor:
         now = self._sample()
         want = threads_for(self.cores, self.others_busy(self._last, now), self.max_threads)
         self._last, self._next = now, time.monotonic() + self.interval
-        if want != self.threads:
+        if want != torch.get_num_threads():
             torch.set_num_threads(want)
-            self.threads, self.changes = want, self.changes + 1
-        return self.threads
+            self.changes += 1
+        self.threads = want
+        return want

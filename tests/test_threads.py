@@ -30,12 +30,13 @@ def test_a_spinning_process_takes_a_thread(monkeypatch):
 
     Not a timing test: whatever the machine's speed the spinner keeps a core busy for the whole
     sample, and this process sleeps meanwhile."""
-    gov = ThreadGovernor(interval=0.0)
+    gov = ThreadGovernor(max_threads=2, interval=0.0)
     if not gov.enabled:
         pytest.skip("no /proc on this OS: the governor is off by design")
     monkeypatch.setattr(gov, "cores", 2)  # the rule for a 2-core machine, whatever this one has
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
         time.sleep(0.5)  # let the child start spinning
         before = gov._sample()
