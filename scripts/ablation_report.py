@@ -31,8 +31,10 @@ DECODE_PROMPTS = ["ROMEO:", "JULIET:", "First Citizen:", "KING HENRY:", "HAMLET:
                   "My lord,", "Enter", "Good morrow", "I pray you", "Now", "Come,", "Sweet", "Exeunt"]
 # Keys that legitimately differ between the runs of an ablation (the variant and what follows from it),
 # or do not change what is trained.
-VARIANT_KEYS = {"model.attention", "model.n_kv_heads", "wandb", "out_dir", "data.num_proc", "data.cache_dir",
-                "train.progress", "train.resume", "train.device", "attention.backend"}
+# What the variant itself sets (model.latent_norm_eps: the MLA preset's latent-norm eps, read only by
+# MLA) and what does not change the training.
+VARIANT_KEYS = {"model.attention", "model.n_kv_heads", "model.latent_norm_eps", "wandb", "out_dir", "data.num_proc",
+                "data.cache_dir", "train.progress", "train.resume", "train.device", "attention.backend"}
 
 
 class ReportError(RuntimeError):
