@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-slow clean
 
 setup: $(STAMP)
 
@@ -17,13 +17,13 @@ $(STAMP): requirements.txt
 train: setup
 	$(PY) train.py $(ARGS)
 
-# The whole suite, slow tests included (what CI runs).
+# The suite without the tests marked slow (timed in the README, Tests). CI (.ci/run) runs both targets.
 test: setup
-	$(PY) -m pytest -q $(ARGS)
-
-# The fast suite only (about 8 minutes on 2 cores).
-test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
+# The slow tests: compiled decoding, multi-process signals, the GPU-check smoke run, ...
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(ARGS)
+
 clean:
-	rm -rf outputs multirun wandb .cache .pytest_cache
+	rm -rf outputs runs multirun wandb .cache .pytest_cache

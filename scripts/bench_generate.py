@@ -5,6 +5,8 @@
     python scripts/bench_generate.py --llama-cpp                 # llama.cpp on the same weights (GGUF f32, q8_0)
     python scripts/bench_generate.py --attention mha mqa mla     # other variants
     python scripts/bench_generate.py --no-paged-kernel           # decode through the PyTorch gather path
+    python scripts/bench_generate.py --quantize int8 --llama-cpp # int8 weights against llama.cpp's q8_0
+    python scripts/bench_generate.py --busy                      # next to a process spinning on one core
     python scripts/bench_generate.py --json
 
 Model: d=256, 6 layers, 8 heads (2 kv heads for GQA), SwiGLU 688, vocab 8192, fp32, random weights.
@@ -24,8 +26,10 @@ of the blocks allocated to them, averaged over steps (target >= 96%).
 """
 
 import argparse
+import atexit
 import json
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,7 +96,7 @@ def llama_cpp_decode(llama, prompt: list[int], new_tokens: int) -> float:
     return (new_tokens - 1) / (stamps[-1] - stamps[0])
 
 
-def llama_cpp_vs_ours(llm: LLM, att: str, args) -> dict:
+def llama_cpp_vs_ours(llm: LLM, model: Transformer, att: str, args) -> dict:
     """Batch-1 decode tokens/s of llama.cpp (GGUF f32 and q8_0 of the same weights) and ours, alternating."""
     import tempfile
 
@@ -104,7 +108,7 @@ def llama_cpp_vs_ours(llm: LLM, att: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tok = Path(tmp) / "tokenizer.json"  # GGUF carries a tokenizer; prompts here are ids, so any will do
         train_tokenizer(["small-llm benchmarks llama.cpp on the same weights."] * 8, 300).save(str(tok))
-        state = {k: v.float() for k, v in llm.model.state_dict().items()}
+        state = {k: v.float() for k, v in model.state_dict().items()}  # fp32 even when ours runs int8
         models = {}
         for outtype in ("f32", "q8_0"):
             path = Path(tmp) / f"{outtype}.gguf"
@@ -161,15 +165,23 @@ def main(argv=None) -> int:
     ap.add_argument("--hf", action="store_true", help="also measure Hugging Face transformers' generate here")
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also measure llama.cpp (llama-cpp-python) at batch 1 on the same weights, f32 and q8_0")
+    ap.add_argument("--quantize", choices=["int8"], default=None, help="our engine with int8 weights (engine/quantize.py)")
+    ap.add_argument("--busy", action="store_true",
+                    help="run everything next to a process spinning on one core (a busy machine)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.busy:
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        atexit.register(spinner.kill)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {"threads": torch.get_num_threads(), "compile": args.compile,
+    results = {"threads": torch.get_num_threads(), "compile": args.compile, "quantize": args.quantize, "busy": args.busy,
                "paged_kernel": not args.no_paged_kernel, "runs": []}
     for att in args.attention:
-        llm = LLM(model=bench_model(att), device="cpu", block_size=args.block_size, enable_prefix_caching=False,
-                  max_num_seqs=max(args.batch), compile=args.compile, paged_kernel=not args.no_paged_kernel)
+        model = bench_model(att)
+        llm = LLM(model=model, device="cpu", block_size=args.block_size, enable_prefix_caching=False,
+                  max_num_seqs=max(args.batch), compile=args.compile, paged_kernel=not args.no_paged_kernel,
+                  quantize=args.quantize)
         t0 = time.perf_counter()
         run_batch(llm, 2, args.prompt_len, 8, seed=123)  # warm-up (and compilation: batch >= 2 ...)
         run_batch(llm, 1, args.prompt_len, 4, seed=124)  # ... and batch 1)
@@ -187,7 +199,7 @@ def main(argv=None) -> int:
             if not args.json:
                 print(json.dumps(best), flush=True)
         if args.llama_cpp:
-            row = llama_cpp_vs_ours(llm, att, args)
+            row = llama_cpp_vs_ours(llm, model, att, args)
             results.setdefault("llama_cpp", []).append(row)
             if not args.json:
                 print(json.dumps(row), flush=True)

@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 
 from checkpoint import save_checkpoint
-from data.config import EOT
+from data.tokenizer import train_tokenizer
 from model import ModelConfig, Transformer
+
 
 def tiny_config(attention: str = "gqa", **overrides) -> ModelConfig:
     """dim 64, 2 layers, 4 query heads (MHA: 4 kv heads, GQA: 2, MQA: 1; MLA: latent 32 + rope 8)."""
@@ -31,18 +32,10 @@ def tiny_model(attention: str = "gqa", seed: int = 0, weight_scale: float = 2.0,
 
 
 def train_tiny_tokenizer(vocab_size: int = 300):
-    """A byte-level BPE trained on a few sentences, with the end-of-text special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    """A byte-level BPE trained on a few sentences (the data pipeline's own set-up), EOT at id 0."""
     text = ["To be, or not to be, that is the question.", "Once upon a time there was a small model.",
             "The quick brown fox jumps over the lazy dog.", "ROMEO: But soft, what light through yonder window breaks?"]
-    tok.train_from_iterator(text * 20, trainer)
-    return tok
+    return train_tokenizer(text * 20, vocab_size)
 
 
 def write_checkpoint(root: Path, attention: str = "gqa", seed: int = 0, step: int = 1, **overrides) -> Path:

@@ -48,3 +48,27 @@ def test_a_spinning_process_takes_a_thread(monkeypatch):
     finally:
         spinner.kill()
         torch.set_num_threads(threads)
+
+
+def test_the_engine_steps_under_the_governor(monkeypatch):
+    """LLM(adaptive_threads=True) on CPU consults the governor before each step (README, Generation):
+    next to a spinning process its decode drops to one thread; adaptive_threads=False leaves torch alone."""
+    from builders import tiny_model
+    from engine import LLM, SamplingParams
+
+    threads = torch.get_num_threads()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for adaptive in (False, True):
+            torch.set_num_threads(2)
+            llm = LLM(model=tiny_model("gqa"), device="cpu", adaptive_threads=adaptive)
+            assert (llm.core.threads is not None) == adaptive
+            if adaptive:
+                monkeypatch.setattr(llm.core.threads, "cores", 2)
+                monkeypatch.setattr(llm.core.threads, "_next", 0.0)  # decide at the first step
+                time.sleep(1.0)  # a sample of the spinner's CPU time since the LLM was made
+            llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=4))
+            assert torch.get_num_threads() == (1 if adaptive else 2)
+    finally:
+        spinner.kill()
+        torch.set_num_threads(threads)
