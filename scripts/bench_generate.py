@@ -7,6 +7,7 @@
     python scripts/bench_generate.py --no-paged-kernel           # decode through the PyTorch gather path
     python scripts/bench_generate.py --quantize int8 --llama-cpp # int8 weights against llama.cpp's q8_0
     python scripts/bench_generate.py --busy                      # next to a process spinning on one core
+    python scripts/bench_generate.py --busy --fixed-threads      # ... without the thread governor
     python scripts/bench_generate.py --json
 
 Model: d=256, 6 layers, 8 heads (2 kv heads for GQA), SwiGLU 688, vocab 8192, fp32, random weights.
@@ -168,6 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", choices=["int8"], default=None, help="our engine with int8 weights (engine/quantize.py)")
     ap.add_argument("--busy", action="store_true",
                     help="run everything next to a process spinning on one core (a busy machine)")
+    ap.add_argument("--fixed-threads", action="store_true",
+                    help="keep torch's thread count fixed (LLM(adaptive_threads=False)): what --busy costs without it")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.busy:
@@ -176,12 +179,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {"threads": torch.get_num_threads(), "compile": args.compile, "quantize": args.quantize, "busy": args.busy,
+               "adaptive_threads": not args.fixed_threads,
                "paged_kernel": not args.no_paged_kernel, "runs": []}
     for att in args.attention:
         model = bench_model(att)
         llm = LLM(model=model, device="cpu", block_size=args.block_size, enable_prefix_caching=False,
                   max_num_seqs=max(args.batch), compile=args.compile, paged_kernel=not args.no_paged_kernel,
-                  quantize=args.quantize)
+                  quantize=args.quantize, adaptive_threads=not args.fixed_threads)
         t0 = time.perf_counter()
         run_batch(llm, 2, args.prompt_len, 8, seed=123)  # warm-up (and compilation: batch >= 2 ...)
         run_batch(llm, 1, args.prompt_len, 4, seed=124)  # ... and batch 1)
