@@ -20,7 +20,7 @@ A KeyboardInterrupt is not caught here: whoever owns the requests aborts them (L
 """
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from itertools import count
 from typing import Optional
 
@@ -67,7 +67,6 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]  # sample 0 first; the others fork from it once the prompt is computed
-    arrival_time: float = field(default_factory=time.perf_counter)
     num_finished: int = 0  # samples done
     error: Optional[BaseException] = None
 

@@ -19,8 +19,6 @@ from typing import Optional
 
 import torch
 
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
 
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
