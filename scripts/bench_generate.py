@@ -8,6 +8,7 @@
     python scripts/bench_generate.py --quantize int8 --llama-cpp # int8 weights against llama.cpp's q8_0
     python scripts/bench_generate.py --busy                      # next to a process spinning on one core
     python scripts/bench_generate.py --busy --fixed-threads      # ... without the thread governor
+    python scripts/bench_generate.py --busy --llama-cpp --batch 1 --no-mixed  # ... llama.cpp beside us
     python scripts/bench_generate.py --json
 
 Model: d=256, 6 layers, 8 heads (2 kv heads for GQA), SwiGLU 688, vocab 8192, fp32, random weights.
@@ -27,10 +28,9 @@ of the blocks allocated to them, averaged over steps (target >= 96%).
 """
 
 import argparse
-import atexit
 import json
+import multiprocessing
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
+from scripts.busy import spin_one_core  # noqa: E402
 
 def bench_model(attention: str, max_seq_len: int = 256) -> Transformer:
     kv = {"mha": 8, "gqa": 2, "mqa": 1, "mla": 8}[attention]
@@ -98,14 +99,15 @@ def llama_cpp_decode(llama, prompt: list[int], new_tokens: int) -> float:
 
 
 def llama_cpp_vs_ours(llm: LLM, model: Transformer, att: str, args) -> dict:
-    """Batch-1 decode tokens/s of llama.cpp (GGUF f32 and q8_0 of the same weights) and ours, alternating."""
+    """Batch-1 decode tokens/s of llama.cpp (GGUF f32 and q8_0 of the same weights; f32 also on the thread
+    count llama-cpp-python picks by itself, if that differs) and ours, alternating."""
     import tempfile
 
     from checkpoint import CheckpointError
     from checkpoint.gguf import load_in_llama_cpp, write_gguf
     from data.tokenizer import train_tokenizer
 
-    row = {"attention": att, "batch": 1}
+    row = {"attention": att, "batch": 1, "llama_cpp_threads": args.threads}
     with tempfile.TemporaryDirectory() as tmp:
         tok = Path(tmp) / "tokenizer.json"  # GGUF carries a tokenizer; prompts here are ids, so any will do
         train_tokenizer(["small-llm benchmarks llama.cpp on the same weights."] * 8, 300).save(str(tok))
@@ -117,7 +119,10 @@ def llama_cpp_vs_ours(llm: LLM, model: Transformer, att: str, args) -> dict:
                 write_gguf(path, llm.cfg, state, tok, None, outtype)
             except CheckpointError as e:
                 return {**row, "llama_cpp": f"not exportable: {e}"}
-            models[outtype] = load_in_llama_cpp(path, args.prompt_len + args.new_tokens, n_threads=torch.get_num_threads())
+            models[outtype] = load_in_llama_cpp(path, args.prompt_len + args.new_tokens, n_threads=args.threads)
+        own = max(multiprocessing.cpu_count() // 2, 1)  # llama-cpp-python's default n_threads: what its users get
+        if own != args.threads:
+            models[f"f32_{own}_threads"] = load_in_llama_cpp(Path(tmp) / "f32.gguf", args.prompt_len + args.new_tokens)
         prompt = [random.Random(0).randrange(1, llm.cfg.vocab_size) for _ in range(args.prompt_len)]
         best = dict.fromkeys(["ours", *models], 0.0)
         for r in range(args.repeats):
@@ -174,10 +179,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.busy:
-        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        atexit.register(spinner.kill)
+        spin_one_core()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()  # llama.cpp's: torch's own count, before the governor moves it
     results = {"threads": torch.get_num_threads(), "compile": args.compile, "quantize": args.quantize, "busy": args.busy,
                "adaptive_threads": not args.fixed_threads,
                "paged_kernel": not args.no_paged_kernel, "runs": []}

@@ -3,6 +3,8 @@
     python -m scripts.bench_train                       # the README shape, fp32, eager and compiled
     python -m scripts.bench_train --attention mla --steps 10
     python -m scripts.bench_train --baseline-hf         # also time transformers' LlamaForCausalLM (if installed)
+    python -m scripts.bench_train --busy                # next to a process spinning on one core, thread governor on
+    python -m scripts.bench_train --busy --fixed-threads  # ... threads fixed (train.py's default)
 
 FLOPs per token follow the PaLM appendix: 6 x (matmul parameters) + 12 x layers x heads x head_dim
 x seq_len for attention (halved: causal). MFU = achieved FLOP/s / peak, where the peak is the best
@@ -14,7 +16,9 @@ import time
 
 import torch
 
+from engine.threads import ThreadGovernor
 from model import ModelConfig, Transformer
+from scripts.busy import spin_one_core
 
 
 def matmul_peak(device: torch.device, dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
@@ -50,14 +54,22 @@ def bench_ours(cfg: ModelConfig, args, compile_model: bool) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = torch.compile(model) if compile_model else model
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1))
+    # --busy: train.adaptive_threads=true's governor between steps, as Trainer.train_step runs it
+    governor = ThreadGovernor() if args.busy and not args.fixed_threads else None
 
     def step():
+        if governor is not None:
+            governor.update()
         _, loss = fwd(x[:, :-1], x[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return time_steps(step, args.steps, args.warmup + (2 if compile_model else 0))
+    threads = torch.get_num_threads()
+    try:
+        return time_steps(step, args.steps, args.warmup + (2 if compile_model else 0))
+    finally:
+        torch.set_num_threads(threads)  # the next measurement starts from the same count
 
 
 def bench_hf(cfg: ModelConfig, args) -> float:
@@ -93,7 +105,13 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
     p.add_argument("--baseline-hf", action="store_true", help="also time transformers' LlamaForCausalLM")
+    p.add_argument("--busy", action="store_true", help="time the steps next to a process spinning on one core, "
+                   "our steps under the thread governor (train.adaptive_threads=true)")
+    p.add_argument("--fixed-threads", action="store_true",
+                   help="with --busy: keep the thread count fixed, as train.py does by default")
     args = p.parse_args()
+    if args.fixed_threads and not args.busy:
+        p.error("--fixed-threads goes with --busy (without it, the threads are fixed already)")
 
     kv = {"mha": args.n_heads, "mqa": 1}.get(args.attention, args.n_kv_heads)
     cfg = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
@@ -107,6 +125,10 @@ def main():
     print(f"{args.attention}: d={args.dim} L={args.n_layers} H={args.n_heads} kv={kv} ffn={args.ffn_dim} "
           f"vocab={args.vocab_size} | batch {args.batch_size} x seq {args.seq_len} fp32 | "
           f"threads {torch.get_num_threads()} | measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    if args.busy:  # after the peak, which is the idle machine's
+        spin_one_core()
+        print("one core busy: a process spins beside; our threads "
+              + ("fixed" if args.fixed_threads else "under the governor (engine/threads.py)"))
     rows = [("ours (eager)", bench_ours(cfg, args, False))]
     if not args.no_compile:
         rows.append(("ours (torch.compile)", bench_ours(cfg, args, True)))

@@ -1,5 +1,6 @@
 """The thread governor: the decision rule, and that it sees a process spinning beside it."""
 
+import os
 import subprocess
 import sys
 import time
@@ -72,3 +73,63 @@ def test_the_engine_steps_under_the_governor(monkeypatch):
     finally:
         spinner.kill()
         torch.set_num_threads(threads)
+
+
+def test_training_consults_the_governor_only_when_asked(corpus, data_cache, tmp_path, monkeypatch):
+    """train.adaptive_threads=true: each step asks the governor, which follows the load /proc reports
+    (here a fake /proc: one core busy, then none); false (the default): the governor is never made and
+    the thread count never moves, however busy the machine looks."""
+    import math
+
+    import engine.threads as threads
+    from conftest import compose_config, tiny_overrides
+    from training.trainer import Trainer
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc on this OS: the governor is off by design")
+    others = {"cores": 1.0}  # what other processes keep busy, as the next /proc/stat read will say
+    ticks = {"busy": 0, "total": 0, "reads": 0}
+
+    def machine_ticks():  # 100 ticks per CPU of this machine pass between two reads
+        ticks["reads"] += 1
+        ticks["busy"] += int(100 * others["cores"])
+        ticks["total"] += 100 * (os.cpu_count() or 1)
+        return ticks["busy"], ticks["total"]
+
+    monkeypatch.setattr(threads, "_machine_ticks", machine_ticks)
+    monkeypatch.setattr(threads, "_own_ticks", lambda: 0)  # our own time is not in the fake busy ticks
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    saved = torch.get_num_threads()
+    try:
+        for adaptive in (False, True):
+            torch.set_num_threads(2)
+            others["cores"], ticks["reads"] = 1.0, 0
+            cfg = compose_config(tiny_overrides(corpus, data_cache, tmp_path / str(adaptive))
+                                 + [f"train.adaptive_threads={adaptive}"])
+            t = Trainer(cfg)
+            try:
+                assert (t.threads is not None) == adaptive
+                if adaptive:
+                    t.threads.interval = t.threads._next = 0.0  # decide at every step, not once a second
+                seen = []
+                for step in range(3):
+                    others["cores"] = 1.0 if step == 0 else 0.0  # the other process ends after a step
+                    assert math.isfinite(t.train_step()["train_loss"])
+                    seen.append(torch.get_num_threads())
+            finally:
+                t.close()
+            assert seen == ([1, 2, 2] if adaptive else [2, 2, 2])
+            assert ticks["reads"] == (4 if adaptive else 0)  # one at start, then one per step
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_adaptive_threads_is_refused_on_a_gpu(corpus, data_cache, tmp_path):
+    from conftest import compose_config, tiny_overrides
+    from training.config import check_options
+    from training.errors import TrainConfigError
+
+    cfg = compose_config(tiny_overrides(corpus, data_cache, tmp_path) + ["train.adaptive_threads=true",
+                                                                         "train.device=mps"])
+    with pytest.raises(TrainConfigError, match="train.adaptive_threads=true sets CPU threads.*train.device=cpu"):
+        check_options(cfg)

@@ -53,6 +53,11 @@ class TrainConfig:
     # A checkpoint or run folder to start from: its weights, model config and tokenizer; fresh optimizer and step
     init_from: Optional[str] = None
     compile: bool = False  # torch.compile the model
+    # CPU: before each step, run torch on the cores other processes leave free (engine/threads.py, as
+    # generation does by default; one busy core slowed 2-thread steps several times over). Off by default
+    # because the result of an op may depend on the thread count (3 threads changed the weights' last bits
+    # where 1 and 2 did not): with it on, a run is no longer bitwise repeatable or exactly resumable.
+    adaptive_threads: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "ddp"  # under torchrun: ddp (replicate) | fsdp (shard with FSDP2)
     progress: bool = True  # show a progress bar
@@ -128,6 +133,9 @@ def check_options(cfg) -> None:
     if cfg.attention.backend == "triton" and not (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise TrainConfigError("attention.backend=triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's "
                                "slow interpreter): use attention.backend=auto (SDPA on CPU)")
+    if t.adaptive_threads and (on_cuda or t.device == "mps"):
+        raise TrainConfigError(f"train.adaptive_threads=true sets CPU threads, but this run trains on "
+                               f"{'a GPU' if on_cuda else 'mps'}: drop it, or train on the CPU (train.device=cpu)")
     if t.resume and t.overwrite:
         raise TrainConfigError("train.resume and train.overwrite exclude each other: continue the run, or replace it")
     check_folder("out_dir", cfg.out_dir)

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
 from data import DataError, TokenBatches, bits_per_byte, eval_batches, eval_text_size, load_prepared, prepare
+from engine.threads import ThreadGovernor
 from model import Transformer
 
 from .config import check_options, check_train_config
@@ -76,6 +77,8 @@ class Trainer:
         if ckpt is not None:
             self._resume(ckpt)
         self.fwd_model = torch.compile(self.model) if cfg.train.compile else self.model
+        # train.adaptive_threads (CPU only: training/config.py refuses it on a GPU): see train_step.
+        self.threads = ThreadGovernor() if cfg.train.adaptive_threads and self.device.type == "cpu" else None
         # bf16 matmuls are slow on CPU: train in fp32 there.
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" \
             else contextlib.nullcontext
@@ -158,6 +161,8 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over the global batch of `progress.step`: returns the step's numbers."""
         cfg, step, micro = self.cfg.train, self.progress.step, self.cfg.train.grad_accum
+        if self.threads is not None:  # fewer threads while other processes take cores (engine/threads.py)
+            self.threads.update()
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
