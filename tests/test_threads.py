@@ -1,14 +1,13 @@
 """The thread governor: the decision rule, and that it sees a process spinning beside it."""
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from engine.threads import ThreadGovernor, threads_for
+from scripts.busy import spin_one_core
 
 
 @pytest.mark.parametrize("cores,others,want", [
@@ -35,7 +34,7 @@ def test_a_spinning_process_takes_a_thread(monkeypatch):
     if not gov.enabled:
         pytest.skip("no /proc on this OS: the governor is off by design")
     monkeypatch.setattr(gov, "cores", 2)  # the rule for a 2-core machine, whatever this one has
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    spinner = spin_one_core()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -58,7 +57,7 @@ def test_the_engine_steps_under_the_governor(monkeypatch):
     from engine import LLM, SamplingParams
 
     threads = torch.get_num_threads()
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    spinner = spin_one_core()
     try:
         for adaptive in (False, True):
             torch.set_num_threads(2)

@@ -54,9 +54,9 @@ class TrainConfig:
     init_from: Optional[str] = None
     compile: bool = False  # torch.compile the model
     # CPU: before each step, run torch on the cores other processes leave free (engine/threads.py, as
-    # generation does by default; one busy core slowed 2-thread steps several times over). Off by default
-    # because the result of an op may depend on the thread count (3 threads changed the weights' last bits
-    # where 1 and 2 did not): with it on, a run is no longer bitwise repeatable or exactly resumable.
+    # generation does by default; README, Performance). Off by default because results may depend on the
+    # thread count (after two steps of the make-train model, 3 threads changed the weights' last bits where
+    # 1 and 2 agreed): with it on, a run is no longer bitwise repeatable or exactly resumable.
     adaptive_threads: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "ddp"  # under torchrun: ddp (replicate) | fsdp (shard with FSDP2)
