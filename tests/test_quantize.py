@@ -3,7 +3,6 @@ against F.linear on it, a quantized tiny model against the same model holding th
 (computed here from the scale rule, not by the code under test), the fallback without a compiler, and
 scripts/quant_eval.py end to end on a tiny checkpoint."""
 
-import copy
 import math
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from builders import tiny_model, write_checkpoint
+from builders import dequantized_copy, tiny_model, write_checkpoint
 from engine.quantize import Int8Linear, quantize_int8, quantize_weight
 from kernels import int8_linear_cpu
 from kernels.int8_linear_cpu import int8_linear_cpu as kernel
@@ -94,19 +93,6 @@ def test_int8_linear_matches_dequantized_f_linear():
         x = torch.randn(m, 259)
         expected = F.linear(x.double(), q.double() * scale.double()[:, None])
         torch.testing.assert_close(layer(x).double(), expected, atol=1e-4, rtol=1e-5)
-
-
-def dequantized_copy(model, skip=()):
-    """The fp32 model with every nn.Linear weight (but those in skip) replaced by round(w / s) * s,
-    s = max|w| / 127 per row, computed here in float64."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, m in ref.named_modules():
-            if isinstance(m, nn.Linear) and name not in skip:
-                w = m.weight.double()
-                s = w.abs().amax(1, keepdim=True) / 127
-                m.weight = nn.Parameter((torch.round(w / s) * s).float())  # unties a tied head, as int8 does
-    return ref
 
 
 @pytest.mark.parametrize("attention,tie", [("gqa", False), ("gqa", True), ("mla", False)])
