@@ -108,7 +108,9 @@ class LLM:
         step with torch.compile (a one-off compilation of 10-90 s, cached on disk by torch afterwards;
         needs a C++ compiler; sets two global compiler options, see model_runner.py; the compiled step
         holds the weights as constants, so make a new LLM after changing them): on the 2-core CPU of the
-        README, 1.6-2x the eager decode tokens/s at batch 1 and 16. paged_kernel=False decodes
+        README, 1.6-2x the eager PyTorch step's decode tokens/s at batch 1 and 16; it replaces the C++
+        step (cpp_decode below), which was faster again at batch 1 (measured side by side on a busy
+        machine: 270 tokens/s against 185 compiled and 113 eager). paged_kernel=False decodes
         through the PyTorch gather path instead of the paged-attention kernel (Triton on CUDA; on CPU a
         C++ kernel, built on first use in about 15 s: see kernels/paged_attention_cpu.py).
         quantize="int8" (CPU) runs every linear layer with int8 weights and per-channel scales
