@@ -88,7 +88,8 @@ class CppDecodeStep:
         norms = [model.norm] + [n for layer in model.layers for n in (layer.attn_norm, layer.ffn_norm)]
         if not all(isinstance(layer.attn, GroupedQueryAttention) for layer in model.layers) \
                 or not all(isinstance(m, Int8Linear) or (type(m) is torch.nn.Linear and m.bias is None) for m in linears) \
-                or not all(type(n) is torch.nn.RMSNorm and n.eps == model.cfg.norm_eps for n in norms):
+                or not all(type(n) is torch.nn.RMSNorm and n.weight is not None and n.eps == model.cfg.norm_eps
+                           for n in norms):
             return None
         error = cpu_kernel_error()
         if error:
