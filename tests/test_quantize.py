@@ -173,8 +173,9 @@ def test_kernel_traces_as_one_op_under_torch_compile():
 
 
 def test_loads_beside_the_paged_attention_kernel():
-    """Both libraries add operators to torch.ops.small_llm; the int8 one (a fragment) may load first."""
-    code = ("from kernels import int8_linear_cpu, paged_attention_cpu\n"
+    """The libraries add to torch.ops.small_llm; the int8 and decode-step ones (fragments) may load first."""
+    code = ("from kernels import decode_step_cpu, int8_linear_cpu, paged_attention_cpu\n"
+            "assert decode_step_cpu.cpu_kernel_error() is None\n"
             "assert int8_linear_cpu.cpu_kernel_error() is None\n"
             "assert paged_attention_cpu.cpu_kernel_error() is None\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)

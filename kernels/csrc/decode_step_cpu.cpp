@@ -176,6 +176,7 @@ struct DecodeModel : torch::CustomClassHolder {
 
 }  // namespace
 
+// A fragment, like int8_linear_cpu.cpp's: the paged-attention library defines the namespace.
 TORCH_LIBRARY_FRAGMENT(small_llm, m) {
   m.class_<DecodeModel>("DecodeModel")
       .def(torch::init<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
