@@ -65,8 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="CPU: int8 weights with per-channel scales for every linear layer (engine/quantize.py)")
     p.add_argument("--compile", action="store_true",
-                   help="CPU: torch.compile the decode step (a one-off 10-60 s compilation; faster decoding "
-                        "for long or many generations; needs a C++ compiler)")
+                   help="CPU: torch.compile the PyTorch decode step, the one MLA models use (a one-off 10-60 s "
+                        "compilation; needs a C++ compiler); MHA/GQA/MQA models otherwise decode through the "
+                        "faster C++ step")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     return p.parse_args(argv)
 

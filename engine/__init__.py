@@ -12,7 +12,8 @@ docs/engine.md for one request followed through these files).
     attention_gather.py  attention backend: PyTorch gather + SDPA (all prefill; the reference decode)
     attention_cpu.py     attention backend: decode through the C++ paged kernel (CPU)
     attention_triton.py  attention backend: decode through the Triton paged kernel (CUDA)
-    cpu_speed.py         CPU speed tricks that change no value (column-major weights, index tensors)
+    cpu_speed.py         CPU speed tricks that change no value (the C++ decode step, column-major
+                         weights, index tensors)
     sampler.py           greedy, temperature, top-k, top-p, min-p, repetition penalty; per-request RNG
 """
 

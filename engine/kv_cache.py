@@ -139,15 +139,19 @@ class PagedKVCache:
             slots = [s for s in slots if s >= 0]
         # Built in Python: a decode step writes a few dozen rows, and each small tensor op costs more.
         self.write_index = long_tensor([(s // bs * H + h) * bs + s % bs for s in slots for h in range(H)], dev)
-        nblk = -(-max(step.context_lens) // bs)
-        flat = []
-        for t in step.block_tables:  # padded with block 0: masked, or never read by the kernels
-            flat += t[:nblk] + [0] * (nblk - len(t[:nblk]))
-        tables = long_tensor(flat, dev).view(len(step.block_tables), nblk)
         self.backend = self.gather if step.is_prefill else self.decode_backend
         self.hold_back = not step.is_prefill and self.backend.holds_back
-        self.plan = self.backend.plan(step, tables)
+        self.plan = self.backend.plan(step, self.block_tables(step))
         self._held_k, self._held_v = [], []
+
+    def block_tables(self, step: StepInputs) -> torch.Tensor:
+        """The step's block tables [S, blocks of the longest context], padded with block 0 (masked, or
+        never read by the kernels)."""
+        nblk = -(-max(step.context_lens) // self.block_size)
+        flat = []
+        for t in step.block_tables:
+            flat += t[:nblk] + [0] * (nblk - len(t[:nblk]))
+        return long_tensor(flat, self.device).view(len(step.block_tables), nblk)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
                scale: float) -> torch.Tensor:

@@ -94,7 +94,8 @@ class LLM:
                  block_size: int = 16, num_blocks: Optional[int] = None, kv_cache_memory: Optional[int] = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None,
                  enable_prefix_caching: bool = True, use_cache: bool = True, compile: bool = False,
-                 paged_kernel: bool = True, quantize: Optional[str] = None, adaptive_threads: bool = True):
+                 paged_kernel: bool = True, quantize: Optional[str] = None, adaptive_threads: bool = True,
+                 cpp_decode: bool = True):
         """ckpt: a run folder, its checkpoints/ folder or one checkpoint folder; or pass `model` (and
         optionally `tokenizer`, `eos_token_id`) directly: the LLM then uses that module for inference
         (in eval mode; on CPU the cached path decodes with a copy, taken here, whose linear weights
@@ -107,14 +108,20 @@ class LLM:
         step with torch.compile (a one-off compilation of 10-90 s, cached on disk by torch afterwards;
         needs a C++ compiler; sets two global compiler options, see model_runner.py; the compiled step
         holds the weights as constants, so make a new LLM after changing them): on the 2-core CPU of the
-        README, 1.6-2x the eager decode tokens/s at batch 1 and 16. paged_kernel=False decodes
+        README, 1.6-2x the eager PyTorch step's decode tokens/s at batch 1 and 16; it replaces the C++
+        step (cpp_decode below), which was faster again at batch 1 (measured side by side on a busy
+        machine: 270 tokens/s against 185 compiled and 113 eager). paged_kernel=False decodes
         through the PyTorch gather path instead of the paged-attention kernel (Triton on CUDA; on CPU a
         C++ kernel, built on first use in about 15 s: see kernels/paged_attention_cpu.py).
         quantize="int8" (CPU) runs every linear layer with int8 weights and per-channel scales
         (engine/quantize.py; a copy, the caller's model is unchanged), on both the cached and the
         full-recompute path. adaptive_threads (CPU): before each step, lower torch's thread count
         (process-wide) to the cores other processes leave free, never above the count torch had when
-        the LLM was made (engine/threads.py: with one core busy, 2 threads decoded 3-4x slower than 1)."""
+        the LLM was made (engine/threads.py: with one core busy, 2 threads decoded 3-4x slower than 1).
+        cpp_decode (CPU, MHA/GQA/MQA, fp32 or int8, with the paged kernel, without compile): each decode
+        step is one C++ call for the whole forward (engine/cpu_speed.py, kernels/decode_step_cpu.py;
+        built on first use like the other kernels), the same numbers as the PyTorch step;
+        cpp_decode=False keeps the PyTorch step."""
         self.device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -159,8 +166,9 @@ class LLM:
         self.num_blocks = num_blocks
         self.cache = PagedKVCache(self.cfg, num_blocks, block_size, dtype, self.device, paged_kernel)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.cache, compile=compile, column_major=self.device.type == "cpu")
-        self.model = self.runner.model  # on CPU a copy with column-major linear weights; the caller's is unchanged
+        self.runner = ModelRunner(self.model, self.cache, compile=compile, column_major=self.device.type == "cpu",
+                                  cpp_decode=cpp_decode)
+        self.model = self.runner.model  # on CPU without the C++ step a copy with column-major linear weights
         self.core = EngineCore(self.runner, self.cache, self.block_manager, max_seq_len=self.cfg.max_seq_len,
                                vocab_size=self.cfg.vocab_size, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=self.max_num_batched_tokens, eos_token_id=eos_token_id,

@@ -7,6 +7,10 @@ one token per sequence. `run` then follows the cache's protocol (kv_cache.py): b
 forward (each layer calls cache.attend), and for decode steps that hold the new K/V back, commit.
 Only the last token of each sequence goes through the LM head.
 
+On CPU, decode steps of MHA/GQA/MQA models run as one C++ call (cpu_speed.CppDecodeStep: the whole
+forward, the new K/V written into the cache, logits and their argmax out) unless cpp_decode=False or
+compile=True; otherwise through the PyTorch forward below.
+
 compile=True compiles the CPU decode forward (the whole model for one token per sequence, the
 paged-attention kernel calls, or on the gather path the gathers from the cache, included) with
 torch.compile; prefill stays eager. The first steps pay the compilation (two graphs: batch 1 and
@@ -19,16 +23,20 @@ import torch
 
 from model import Transformer
 
-from .cpu_speed import column_major_copy, long_tensor
+from .cpu_speed import CppDecodeStep, column_major_copy, long_tensor
 from .kv_cache import PagedKVCache, StepInputs
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache, compile: bool = False, column_major: bool = False):
-        """column_major=True decodes with a copy of the model whose linear weights are stored
-        column-major (cpu_speed.py: faster small-batch GEMMs on CPU; the model passed in is unchanged)."""
-        self.model = column_major_copy(model) if column_major else model
+    def __init__(self, model: Transformer, cache: PagedKVCache, compile: bool = False, column_major: bool = False,
+                 cpp_decode: bool = False):
+        """cpp_decode=True decodes through the C++ step where it applies (cpu_speed.CppDecodeStep; not
+        with compile). column_major=True otherwise decodes with a copy of the model whose linear
+        weights are stored column-major (cpu_speed.py: faster small-batch GEMMs on CPU; the model
+        passed in is unchanged)."""
+        self.cpp_step = CppDecodeStep.for_model(model, cache) if cpp_decode and not compile else None
+        self.model = column_major_copy(model) if column_major and self.cpp_step is None else model
         self.cache = cache
         self.block_size = cache.block_size
         self.device = cache.device
@@ -71,10 +79,12 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [len(seqs), vocab] (float32) for the next token of each sequence, and their argmax
-        when the step computed it (the compiled decode step does, inside its graph, right after the
+        when the step computed it (the C++ step does, and the compiled decode step does, inside its graph, right after the
         LM head: measured ~45 us at batch 16 where a separate torch.argmax, a scalar loop on CPU,
         takes 200-250 us in the decode loop), else None."""
         step = self.step_inputs(seqs, is_prefill)
+        if not is_prefill and self.cpp_step is not None:
+            return self.cpp_step(step)
         self.cache.begin(step)
         idx = long_tensor(step.token_ids, self.device).unsqueeze(0)
         pos = long_tensor(step.positions, self.device).unsqueeze(0)

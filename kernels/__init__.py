@@ -2,8 +2,10 @@
 (Triton for CUDA, C++ for CPU).
 
 CUDA tensors run compiled Triton kernels; CPU tensors run them in Triton's interpreter when
-TRITON_INTERPRET=1 is set (checked at call time, slow, for tests). The CPU paged-attention kernel
-is C++, compiled on first use (kernels/paged_attention_cpu.py).
+TRITON_INTERPRET=1 is set (checked at call time, slow, for tests). The CPU kernels are C++,
+compiled on first use: paged attention (paged_attention_cpu.py), the int8 linear layer
+(int8_linear_cpu.py) and the whole decode step of an MHA/GQA/MQA model (decode_step_cpu.py); their
+loops live in csrc/linear.h and csrc/attention.h.
 
 Triton is optional (Linux only): `import kernels` does not import it. Before their first real use
 on a device, callers ask kernels/self_check.py whether the Triton kernels agree with PyTorch there.

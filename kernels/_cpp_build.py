@@ -1,9 +1,9 @@
 """Build, cache and load one of our C++ CPU kernels (csrc/*.cpp) on first use.
 
 Each source is compiled with the C++ compiler in $CXX (default c++) and -march=native into
-$SMALL_LLM_CACHE (default ~/.cache/small-llm)/kernels, under a name keyed by the source, the build
-commands, the torch version and the CPU kind, so a changed kernel, a new torch or another machine
-sharing the home folder never loads a stale library. The library registers its operators under
+$SMALL_LLM_CACHE (default ~/.cache/small-llm)/kernels, under a name keyed by the source, the headers
+beside it, the build commands, the torch version and the CPU kind, so a changed kernel, a new torch
+or another machine sharing the home folder never loads a stale library. The library registers its operators under
 torch.ops.small_llm; the caller gives their fake (shape-only) implementations, which let
 torch.compile trace through them and keep each as one call.
 
@@ -54,6 +54,8 @@ def _build_commands(source: Path, obj: Path, lib: Path) -> list[list[str]]:
 def _library_path(source: Path) -> Path:
     key = hashlib.sha256()
     key.update(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):  # the loops the sources share (linear.h, attention.h)
+        key.update(header.read_bytes())
     key.update(repr(_build_commands(source, Path("kernel.o"), Path("kernel.so"))).encode())
     key.update(f"{torch.__version__} {platform.machine()} {torch.backends.cpu.get_cpu_capability()}".encode())
     return _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"

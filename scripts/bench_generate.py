@@ -2,6 +2,7 @@
 
     python scripts/bench_generate.py                           # GQA, batch 1/16/64, CPU, eager
     python scripts/bench_generate.py --compile --hf            # compiled decode step; HF measured alongside
+    python scripts/bench_generate.py --no-cpp-decode           # the eager PyTorch step, not the C++ one
     python scripts/bench_generate.py --llama-cpp                 # llama.cpp on the same weights (GGUF f32, q8_0)
     python scripts/bench_generate.py --attention mha mqa mla     # other variants
     python scripts/bench_generate.py --no-paged-kernel           # decode through the PyTorch gather path
@@ -168,6 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-mixed", action="store_true", help="skip the mixed-length memory workload")
     ap.add_argument("--no-paged-kernel", action="store_true",
                     help="decode through the PyTorch gather path instead of the C++ paged-attention kernel")
+    ap.add_argument("--no-cpp-decode", action="store_true",
+                    help="decode through the PyTorch step instead of the C++ one (LLM(cpp_decode=False))")
     ap.add_argument("--hf", action="store_true", help="also measure Hugging Face transformers' generate here")
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also measure llama.cpp (llama-cpp-python) at batch 1 on the same weights, f32 and q8_0")
@@ -183,14 +186,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()  # llama.cpp's: torch's own count, before the governor moves it
-    results = {"threads": torch.get_num_threads(), "compile": args.compile, "quantize": args.quantize, "busy": args.busy,
+    results = {"threads": torch.get_num_threads(), "compile": args.compile, "cpp_decode": not args.no_cpp_decode,
+               "quantize": args.quantize, "busy": args.busy,
                "adaptive_threads": not args.fixed_threads,
                "paged_kernel": not args.no_paged_kernel, "runs": []}
     for att in args.attention:
         model = bench_model(att)
         llm = LLM(model=model, device="cpu", block_size=args.block_size, enable_prefix_caching=False,
                   max_num_seqs=max(args.batch), compile=args.compile, paged_kernel=not args.no_paged_kernel,
-                  quantize=args.quantize, adaptive_threads=not args.fixed_threads)
+                  quantize=args.quantize, adaptive_threads=not args.fixed_threads, cpp_decode=not args.no_cpp_decode)
         t0 = time.perf_counter()
         run_batch(llm, 2, args.prompt_len, 8, seed=123)  # warm-up (and compilation: batch >= 2 ...)
         run_batch(llm, 1, args.prompt_len, 4, seed=124)  # ... and batch 1)

@@ -1,9 +1,11 @@
 """Small builders for the tests: a tiny random model and a complete checkpoint folder."""
 
+import copy
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from checkpoint import save_checkpoint
 from data.tokenizer import train_tokenizer
@@ -51,3 +53,16 @@ def write_checkpoint(root: Path, attention: str = "gqa", seed: int = 0, step: in
     save_checkpoint(root / "checkpoints", step, model.state_dict(), {"step": step}, config, tok_path,
                     tied_embeddings=model.cfg.tie_embeddings)
     return root
+
+
+def dequantized_copy(model, skip=()):
+    """The fp32 model with every nn.Linear weight (but those in skip) replaced by round(w / s) * s,
+    s = max|w| / 127 per row, computed here in float64."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if isinstance(m, nn.Linear) and name not in skip:
+                w = m.weight.double()
+                s = w.abs().amax(1, keepdim=True) / 127
+                m.weight = nn.Parameter((torch.round(w / s) * s).float())  # unties a tied head, as int8 does
+    return ref

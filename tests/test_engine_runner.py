@@ -29,9 +29,10 @@ def test_step_inputs_pack_new_tokens_with_their_slots():
 
 
 def test_column_major_copy_leaves_the_callers_model_alone():
+    """Decoding through the PyTorch step (cpp_decode=False; MLA always) uses a column-major copy."""
     model = tiny_model("gqa", seed=0)
     before = {n: (p.clone(), p.stride()) for n, p in model.named_parameters()}
-    llm = LLM(model=model, device="cpu", block_size=4)
+    llm = LLM(model=model, device="cpu", block_size=4, cpp_decode=False)
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=4))
     for n, p in model.named_parameters():
         assert p.stride() == before[n][1] and torch.equal(p, before[n][0]), n

@@ -3,7 +3,6 @@ against F.linear on it, a quantized tiny model against the same model holding th
 (computed here from the scale rule, not by the code under test), the fallback without a compiler, and
 scripts/quant_eval.py end to end on a tiny checkpoint."""
 
-import copy
 import math
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from builders import tiny_model, write_checkpoint
+from builders import dequantized_copy, tiny_model, write_checkpoint
 from engine.quantize import Int8Linear, quantize_int8, quantize_weight
 from kernels import int8_linear_cpu
 from kernels.int8_linear_cpu import int8_linear_cpu as kernel
@@ -96,19 +95,6 @@ def test_int8_linear_matches_dequantized_f_linear():
         torch.testing.assert_close(layer(x).double(), expected, atol=1e-4, rtol=1e-5)
 
 
-def dequantized_copy(model, skip=()):
-    """The fp32 model with every nn.Linear weight (but those in skip) replaced by round(w / s) * s,
-    s = max|w| / 127 per row, computed here in float64."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, m in ref.named_modules():
-            if isinstance(m, nn.Linear) and name not in skip:
-                w = m.weight.double()
-                s = w.abs().amax(1, keepdim=True) / 127
-                m.weight = nn.Parameter((torch.round(w / s) * s).float())  # unties a tied head, as int8 does
-    return ref
-
-
 @pytest.mark.parametrize("attention,tie", [("gqa", False), ("gqa", True), ("mla", False)])
 def test_quantized_model_matches_dequantized_weights(attention, tie):
     model = tiny_model(attention, seed=4, tie_embeddings=tie)
@@ -187,8 +173,9 @@ def test_kernel_traces_as_one_op_under_torch_compile():
 
 
 def test_loads_beside_the_paged_attention_kernel():
-    """Both libraries add operators to torch.ops.small_llm; the int8 one (a fragment) may load first."""
-    code = ("from kernels import int8_linear_cpu, paged_attention_cpu\n"
+    """The libraries add to torch.ops.small_llm; the int8 and decode-step ones (fragments) may load first."""
+    code = ("from kernels import decode_step_cpu, int8_linear_cpu, paged_attention_cpu\n"
+            "assert decode_step_cpu.cpu_kernel_error() is None\n"
             "assert int8_linear_cpu.cpu_kernel_error() is None\n"
             "assert paged_attention_cpu.cpu_kernel_error() is None\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
