@@ -5,7 +5,7 @@ import torch
 
 from model import ModelConfig, Transformer
 from training.config import TrainConfig
-from training.optim import build_optimizer, lr_at
+from training.optim import Muon, build_optimizer, lr_at, newton_schulz
 
 HIDDEN = {"attn.wqkv.weight", "attn.wo.weight", "ffn.w13.weight", "ffn.w2.weight",  # MHA/GQA/MQA
           "attn.wq.weight", "attn.wkv_a.weight", "attn.wkv_b.weight"}  # MLA
@@ -22,7 +22,7 @@ def tiny(attention: str, tie: bool = False) -> Transformer:
 def test_muon_gets_the_hidden_matrices_and_adamw_the_rest(attention, tie):
     model = tiny(attention, tie)
     adamw, muon = build_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
-    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)
     name = {id(p): n for n, p in model.named_parameters()}
     to_muon = {name[id(p)] for g in muon.param_groups for p in g["params"]}
     to_adamw = {name[id(p)] for g in adamw.param_groups for p in g["params"]}
@@ -56,3 +56,29 @@ def test_muon_steps_move_hidden_matrices_by_the_adamw_matched_rms():
             rms = (p.detach() - before[n]).double().pow(2).mean().sqrt().item()
             # Newton-Schulz's quintic leaves singular values in about [0.7, 1.2], not exactly 1.
             assert 0.6 * 0.2 * lr < rms < 1.25 * 0.2 * lr, (n, rms / (0.2 * lr))
+
+
+def test_float32_muon_matches_torchs_bfloat16_muon():
+    """Our Muon only moves Newton-Schulz from bfloat16 to float32: its steps agree with torch.optim.Muon's to
+    bfloat16 precision (and its orthogonalisation is closer to the exact one, the SVD's U V^T)."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 32)
+    mine, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opts = [Muon([mine], lr=0.02, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.Muon([ref], lr=0.02, adjust_lr_fn="match_rms_adamw")]
+    for _ in range(3):
+        g = torch.randn(96, 32)
+        for p, opt in zip((mine, ref), opts):
+            p.grad = g.clone()
+            opt.step()
+    moved = (ref.detach() - w).norm()
+    assert (mine.detach() - ref.detach()).norm() < 0.02 * moved
+    assert set(opts[0].state[mine]) == set(opts[1].state[ref]) == {"momentum_buffer"}  # one checkpoint format
+    g = torch.randn(96, 32, dtype=torch.float64)
+    u, _, vt = torch.linalg.svd(g, full_matrices=False)
+    coeffs = opts[0].param_groups[0]["ns_coefficients"]
+    ours = newton_schulz(g.float(), coeffs, 5, 1e-7).double()
+    theirs = torch.optim._muon._zeropower_via_newtonschulz(g.float(), coeffs, 5, 1e-7).double()
+    # the quintic leaves singular values in about [0.7, 1.2]: compare the directions, not the values
+    cos = lambda a, b: (a * b).sum() / (a.norm() * b.norm())  # noqa: E731
+    assert cos(ours, u @ vt) > 0.95 and cos(ours, theirs) > 0.999
