@@ -216,3 +216,13 @@ def test_matched_preset_equalises_parameters(extra):
     dim, layers = m["dim"], m["n_layers"]
     assert dim == (32 if extra else 192)
     assert all(abs(counts[a] - counts["mha"]) <= 3 * dim * layers / 2 for a in counts), counts
+
+
+def test_recipe_preset_is_exactly_the_make_train_defaults():
+    """conf/experiment/recipe_ablation.yaml compares recipes under `make train`'s budget: without its sweep
+    (no -m) it composes to the very config of `python train.py`, the wandb labels aside."""
+    from omegaconf import OmegaConf
+
+    plain, preset = (OmegaConf.to_container(compose_config(args)) for args in ([], ["+experiment=recipe_ablation"]))
+    plain.pop("wandb"), preset.pop("wandb")
+    assert preset == plain
