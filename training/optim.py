@@ -5,8 +5,7 @@ import math
 from unittest import mock
 
 import torch
-import torch.optim._muon
-
+import torch.optim._muon  # the Newton-Schulz function that Muon below replaces on CPU
 
 from .config import TrainConfig
 
