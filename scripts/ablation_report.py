@@ -1,6 +1,7 @@
-"""Summarise an attention ablation sweep: a markdown table and PNG plots (docs/ablation.md).
+"""Summarise an ablation sweep: a markdown table and PNG plots (docs/ablation.md, docs/recipe.md).
 
     python -m scripts.ablation_report multirun/2026-11-22/14-07-05              # -> <sweep>/report/
+    python -m scripts.ablation_report multirun/recipe_ablation --by train.optimizer,train.lr   # + one row per arm
     python -m scripts.ablation_report multirun/2026-11-22/14-07-05 --decode     # + decode tok/s (paged engine)
     python -m scripts.ablation_report multirun/2026-11-22/14-07-05 --wandb      # + log to wandb (offline)
 
@@ -176,11 +177,12 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(rows: list[dict]) -> list[str]:
-    """Config keys that differ between runs beyond the variant itself: each one makes the comparison unfair."""
+def config_differences(rows: list[dict], by: tuple = ()) -> list[str]:
+    """Config keys that differ between runs beyond the variant itself (or the arm's keys `by`, and the seed
+    that repeats each arm): each one makes the comparison unfair."""
     flats = [flatten(r["_config"]) for r in rows]
     keys = set().union(*flats)
-    ignore = set(VARIANT_KEYS)
+    ignore = set(VARIANT_KEYS) | ({"seed", *by} if by else set())
     if all("matched_params" in ((r["_config"].get("wandb") or {}).get("tags") or []) for r in rows):
         ignore.add("model.ffn_dim")  # attention_ablation_matched: the FFN width is the variable that matches params
     diff = []
@@ -191,6 +193,39 @@ def config_differences(rows: list[dict]) -> list[str]:
         if len(values) > 1:
             diff.append(k)
     return diff
+
+
+def arms(rows: list[dict], by: tuple) -> list[dict]:
+    """The runs grouped into arms by their values of the config keys `by` (e.g. train.optimizer): each arm's
+    final val bits/byte per seed, and the means over its seeds."""
+    groups = {}
+    for r in rows:
+        flat = flatten(r["_config"])
+        missing = [k for k in by if k not in flat]
+        if missing:
+            raise ReportError(f"--by {missing[0]}: no such key in the config of {r['run_dir']} (keys look like "
+                              "train.optimizer, model.dim, seed)")
+        groups.setdefault(", ".join(f"{k}={flat.get(k)}" for k in by), []).append(r)
+    out = []
+    for name, runs in groups.items():
+        done = [r for r in runs if r["final_val_bpb"] is not None]
+        mean = lambda key: statistics.mean(r[key] for r in done) if done else None  # noqa: E731
+        out.append({"arm": name, "bpb_by_seed": {r["_config"]["seed"]: r["final_val_bpb"] for r in runs},
+                    "val_bpb": mean("final_val_bpb"), "val_loss": mean("final_val_loss"),
+                    "minutes": statistics.mean(r["elapsed_s"] for r in runs) / 60,
+                    "train_tokens_per_s": statistics.mean(r["train_tokens_per_s"] or 0.0 for r in runs)})
+    return out
+
+
+def arm_table(arm_rows: list[dict]) -> list[str]:
+    seeds = sorted({s for a in arm_rows for s in a["bpb_by_seed"]})
+    cols = ["arm", *[f"seed {s}" for s in seeds], "mean val bits/byte", "mean val loss", "minutes", "train tok/s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    for a in arm_rows:
+        cells = [a["arm"], *[fmt(a["bpb_by_seed"].get(s), ".4f") for s in seeds], fmt(a["val_bpb"], ".4f"),
+                 fmt(a["val_loss"], ".4f"), fmt(a["minutes"], ".1f"), fmt(a["train_tokens_per_s"], ",.0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---- decode throughput (the paged engine) ---------------------------------------------------------
@@ -242,7 +277,8 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
              fmt(r["train_tokens_per_s"], ",.0f"), fmt(r["decode_tokens_per_s"], ",.0f")] for r in rows]
 
 
-def markdown(rows: list[dict], sweep: Path, plots: dict, diffs: list[str], batch: int, decoded: bool) -> str:
+def markdown(rows: list[dict], sweep: Path, plots: dict, diffs: list[str], batch: int, decoded: bool,
+             arm_rows: Optional[list[dict]] = None) -> str:
     cols = [c.format(batch=batch) for c in TABLE_COLUMNS]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(rows)]
@@ -253,7 +289,10 @@ def markdown(rows: list[dict], sweep: Path, plots: dict, diffs: list[str], batch
     setting = (f"dim {m['dim']}, {m['n_layers']} layers, {m['n_heads']} query heads, context {m['max_seq_len']}, "
                f"vocab {m['vocab_size']}; batch {t.get('batch_size')} x {t.get('seq_len')} tokens; "
                f"{steps} steps ({tokens} tokens); data {first.get('data', {}).get('source')}; seed {first.get('seed')}")
-    out = [f"# Attention ablation: {sweep}", "", setting, "", *lines, ""]
+    out = [f"# Ablation: {sweep}", "", setting, "", *lines, ""]
+    if arm_rows:
+        out += ["Per arm (seed columns: val bits/byte of each run; means over the arm's seeds; minutes: wall-clock "
+                "of a run, mean):", "", *arm_table(arm_rows), ""]
     out += [
         f"- **params**: all parameters, embeddings included; **KV B/token/layer**: bytes of KV cache one token costs "
         "in one layer at inference, bf16 (MHA/GQA/MQA: 2 x kv heads x head dim; MLA: latent + rope dims); "
@@ -350,7 +389,8 @@ def log_to_wandb(rows: list[dict], plots: dict, sweep: Path, out: Path, mode: st
 
 
 def report(sweep: Path, out: Optional[Path] = None, decode: bool = False, batch: int = 16, new_tokens: int = 128,
-           use_wandb: bool = False, wandb_mode: str = "offline") -> dict:
+           use_wandb: bool = False, wandb_mode: str = "offline", by: tuple = ()) -> dict:
+    """`by`: config keys whose values make the arms (a table of the arms' means over seeds); none: one row per run."""
     sweep = Path(sweep)
     if not sweep.is_dir():
         raise ReportError(f"sweep folder {sweep} does not exist")
@@ -361,12 +401,14 @@ def report(sweep: Path, out: Optional[Path] = None, decode: bool = False, batch:
         for r in rows:
             r["decode_tokens_per_s"] = decode_tokens_per_s(sweep / r["run_dir"], batch, new_tokens)
     plots = make_plots(rows, out)
-    diffs = config_differences(rows)
-    (out / "ablation.md").write_text(markdown(rows, sweep, plots, diffs, batch, decode))
+    diffs = config_differences(rows, by)
+    arm_rows = arms(rows, by) if by else []
+    (out / "ablation.md").write_text(markdown(rows, sweep, plots, diffs, batch, decode, arm_rows))
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     (out / "ablation.json").write_text(json.dumps({"sweep": str(sweep), "decode_batch": batch,
-                                                   "config_differences": diffs, "runs": public}, indent=1))
-    result = {"out": out, "rows": public, "plots": plots, "differences": diffs, "wandb_dir": None}
+                                                   "config_differences": diffs, "runs": public, "arms": arm_rows},
+                                                  indent=1))
+    result = {"out": out, "rows": public, "arms": arm_rows, "plots": plots, "differences": diffs, "wandb_dir": None}
     if use_wandb:
         result["wandb_dir"] = log_to_wandb(rows, plots, sweep, out, wandb_mode, batch)
     return result
@@ -379,12 +421,14 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", action="store_true", help="measure decode tokens/s with the paged engine")
     ap.add_argument("--decode-batch", type=int, default=16, help="prompts decoded together (default 16)")
     ap.add_argument("--decode-tokens", type=int, default=128, help="new tokens per prompt (capped by the context)")
+    ap.add_argument("--by", default="", help="config keys that make the arms, comma-separated (train.optimizer,"
+                    "train.lr): adds a table of each arm's seeds and means")
     ap.add_argument("--wandb", action="store_true", help="log the table and plots to a wandb run in the sweep's group")
     ap.add_argument("--wandb-mode", default="offline", choices=["offline", "online"])
     args = ap.parse_args(argv)
     try:
         res = report(args.sweep, args.out, args.decode, args.decode_batch, args.decode_tokens, args.wandb,
-                     args.wandb_mode)
+                     args.wandb_mode, tuple(k for k in args.by.split(",") if k))
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

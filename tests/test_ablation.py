@@ -168,6 +168,29 @@ def test_report_reads_hydra_config_before_any_checkpoint(sweep, tmp_path):
     assert "No checkpoint yet" in (tmp_path / "r" / "ablation.md").read_text()
 
 
+def test_report_groups_seeds_into_arms(sweep, tmp_path):
+    """--by: one row per arm, each seed's bits/byte side by side and the means. The sweep's two runs (gqa,
+    mla) become two seeds of one arm: the mla run's copy is relabelled seed 1338."""
+    folder, _ = sweep
+    two = tmp_path / "two_seeds"
+    for i, seed in (("0", 1337), ("1", 1338)):
+        shutil.copytree(folder / i, two / i)
+        cfg = two / i / "checkpoints" / "latest" / "config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "seed": seed}))
+    last = {seed: [r for r in metrics(two / i) if "val_loss" in r][-1] for i, seed in (("0", 1337), ("1", 1338))}
+    res = ablation_report.report(two, tmp_path / "r", by=("data.source",))
+    (arm,) = res["arms"]
+    assert arm["arm"] == "data.source=text"
+    assert arm["bpb_by_seed"] == {s: last[s]["val_bpb"] for s in last}
+    assert arm["val_bpb"] == pytest.approx((last[1337]["val_bpb"] + last[1338]["val_bpb"]) / 2)
+    assert arm["val_loss"] == pytest.approx((last[1337]["val_loss"] + last[1338]["val_loss"]) / 2)
+    md = (tmp_path / "r" / "ablation.md").read_text()
+    assert f"| data.source=text | {last[1337]['val_bpb']:.4f} | {last[1338]['val_bpb']:.4f} | " in md
+    assert "seed" not in res["differences"]  # what repeats an arm is not a difference between arms
+    with pytest.raises(ablation_report.ReportError, match="--by train.optimzer: no such key"):
+        ablation_report.report(two, tmp_path / "r", by=("train.optimzer",))
+
+
 def test_report_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "scripts.ablation_report", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -193,3 +216,13 @@ def test_matched_preset_equalises_parameters(extra):
     dim, layers = m["dim"], m["n_layers"]
     assert dim == (32 if extra else 192)
     assert all(abs(counts[a] - counts["mha"]) <= 3 * dim * layers / 2 for a in counts), counts
+
+
+def test_recipe_preset_is_exactly_the_make_train_defaults():
+    """conf/experiment/recipe_ablation.yaml compares recipes under `make train`'s budget: without its sweep
+    (no -m) it composes to the very config of `python train.py`, the wandb labels aside."""
+    from omegaconf import OmegaConf
+
+    plain, preset = (OmegaConf.to_container(compose_config(args)) for args in ([], ["+experiment=recipe_ablation"]))
+    plain.pop("wandb"), preset.pop("wandb")
+    assert preset == plain

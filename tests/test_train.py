@@ -52,9 +52,10 @@ class Crash(Exception):
     pass
 
 
-def test_resume_is_exact(corpus, data_cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=pytest.mark.slow)])
+def test_resume_is_exact(optimizer, corpus, data_cache, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    base = tiny_overrides(corpus, data_cache, straight) + ["train.grad_accum=2"]
+    base = tiny_overrides(corpus, data_cache, straight) + ["train.grad_accum=2", f"train.optimizer={optimizer}"]
     train.run(compose_config(base))
 
     # Crash right after the step-3 checkpoint, as a killed run would, then resume to step 6.
@@ -78,6 +79,11 @@ def test_resume_is_exact(corpus, data_cache, tmp_path, monkeypatch):
     a, b = load_checkpoint(straight), load_checkpoint(resumed)
     for k in a.model_state:
         assert torch.equal(a.model_state[k], b.model_state[k]), k
+    # Resuming with the other optimizer would start its state from nothing: refused.
+    other = "adamw" if optimizer == "muon" else "muon"
+    with pytest.raises(CheckpointError, match=f"train.optimizer={optimizer}, now {other}"):
+        train.run(compose_config(base + [f"out_dir={resumed}", "train.resume=true", "train.max_steps=9",
+                                         f"train.optimizer={other}"]))
 
 
 def test_checkpoint_contents_and_best(corpus, data_cache, tmp_path):

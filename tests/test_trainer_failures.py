@@ -231,12 +231,14 @@ def test_best_is_the_lowest_evaluation_even_between_saves(corpus, data_cache, tm
     ("train.device=foo", "unknown train.device 'foo'"),
     ("attention.backend=foo", "unknown attention.backend 'foo'"),
     ("attention.backend=triton", "attention.backend=triton needs a CUDA device"),
+    ("train.optimizer=sgd", "unknown train.optimizer 'sgd': choose adamw or muon"),
+    ("train.optimizer=muon train.parallel=fsdp", "train.optimizer=muon needs whole matrices"),
 ])
 def test_bad_option_is_refused_before_any_work(option, message, corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would make triton usable on CPU
     cache, out = tmp_path / "cache", tmp_path / "run"
     with pytest.raises(TrainConfigError, match=re.escape(message)):
-        train.run(compose_config(tiny_overrides(corpus, cache, out) + [option]))
+        train.run(compose_config(tiny_overrides(corpus, cache, out) + option.split()))
     assert not cache.exists() and not out.exists()  # no data prepared, nothing written
 
 

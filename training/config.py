@@ -21,6 +21,7 @@ from model.config import ModelConfig
 
 from .errors import TrainConfigError
 
+OPTIMIZERS = ("adamw", "muon")
 PARALLEL_MODES = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "wsd")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -33,7 +34,10 @@ class TrainConfig:
     batch_size: int = 32  # global sequences per optimizer step, whatever the number of processes
     seq_len: int = 128  # tokens per sequence (<= model.max_seq_len)
     grad_accum: int = 1  # micro-batches per step: each process runs batch_size / (world * grad_accum)
-    lr: float = 2e-3  # peak learning rate
+    # adamw | muon (torch.optim.Muon for the attention and SwiGLU matrices, AdamW for embeddings, norms and
+    # the head; training/optim.py). docs/recipe.md: the ablation that compares them
+    optimizer: str = "adamw"
+    lr: float = 2e-3  # peak learning rate (Muon's too: its update is scaled to AdamW's RMS)
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
     warmup_steps: int = 50
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
@@ -122,6 +126,12 @@ def check_options(cfg) -> None:
         raise TrainConfigError(f"unknown train.schedule '{t.schedule}': choose cosine or wsd")
     if t.parallel not in PARALLEL_MODES:
         raise TrainConfigError(f"unknown train.parallel '{t.parallel}': choose one of {', '.join(PARALLEL_MODES)}")
+    if t.optimizer not in OPTIMIZERS:
+        raise TrainConfigError(f"unknown train.optimizer '{t.optimizer}': choose adamw or muon")
+    # Muon orthogonalises each whole matrix; FSDP gives each rank a shard of it (a DTensor).
+    if t.optimizer == "muon" and t.parallel == "fsdp":
+        raise TrainConfigError("train.optimizer=muon needs whole matrices, which train.parallel=fsdp shards: "
+                               "use train.parallel=ddp or train.optimizer=adamw")
     if cfg.wandb.mode not in WANDB_MODES:
         raise TrainConfigError(f"unknown wandb.mode '{cfg.wandb.mode}': choose offline, online or disabled")
     if not (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:") and t.device[5:].isdigit()):

@@ -25,6 +25,12 @@ def check_resume_compatible(saved: dict, current: dict, step: int) -> list[str]:
             details = ", ".join(f"{section}.{k}: {saved[section].get(k)!r} -> {current[section].get(k)!r}" for k in diff)
             raise CheckpointError(f"cannot resume: the checkpoint was trained with a different config ({details}); "
                                   "use the same settings or a new out_dir")
+    # Another optimizer has other state (Muon keeps one momentum buffer where AdamW keeps two moments).
+    saved_opt = saved["train"].get("optimizer", "adamw")  # checkpoints from before the option: AdamW
+    if saved_opt != current["train"]["optimizer"]:
+        raise CheckpointError(f"cannot resume: the checkpoint was trained with train.optimizer={saved_opt}, now "
+                              f"{current['train']['optimizer']}; resume with train.optimizer={saved_opt}, or start "
+                              "from its weights with train.init_from")
     for key in ("batch_size", "seq_len"):
         if saved["train"][key] != current["train"][key]:
             raise CheckpointError(f"cannot resume: train.{key} was {saved['train'][key]}, now {current['train'][key]}; "
