@@ -87,8 +87,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) 
         # match_rms_adamw scales each matrix's update to the RMS AdamW's would have (0.2 * sqrt(max(A, B))),
         # so Muon shares train.lr, its schedule and the decoupled weight decay with AdamW (Moonshot's
         # "Muon is Scalable for LLM Training"): one LR to tune, not two.
-        opts.append(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     adjust_lr_fn="match_rms_adamw"))
+        opts.append(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
     return Optimizers(opts)
 
 
