@@ -17,7 +17,7 @@ import training.trainer as trainer
 from conftest import ROOT, compose_config, tiny_overrides
 from checkpoint import CheckpointError, load_checkpoint
 from model import ModelConfig
-from test_mfu import counted_flops_per_token
+from test_train_speed import counted_flops_per_token
 
 
 def metrics(out_dir: Path) -> list[dict]:
