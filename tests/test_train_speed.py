@@ -1,5 +1,6 @@
-"""MFU's FLOP count (training/metrics.py) against torch's own FLOP counter (tests/test_train.py checks the
-MFU that train.py logs against this count)."""
+"""The training speed paths against plain references: MFU's FLOP count (training/metrics.py) against torch's
+own FLOP counter (tests/test_train.py checks the logged MFU with it), the trainer's fused AdamW against torch's
+for-loop AdamW, the compiled step against the eager one."""
 
 import pytest
 import torch
@@ -57,3 +58,23 @@ def test_trainer_adamw_matches_torch_for_loop_adamw():
         plain.step()
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # compiles a forward and backward graph (tens of seconds on 2 cores, less from Inductor's cache)
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_compiled_step_matches_eager(attention):
+    """train.compile=true: Inductor's fused kernels (RMSNorm, RoPE, SwiGLU, cross-entropy; matmuls and
+    attention stay torch's) give the eager step's loss and gradients to fp32 rounding."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(attention, max_seq_len=32), backend="sdpa")
+    x = torch.randint(0, model.cfg.vocab_size, (4, 33))
+    results = []
+    for forward in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        loss = forward(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=0, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=0, atol=1e-5, msg=name)

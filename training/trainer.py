@@ -9,6 +9,7 @@ uninterrupted one.
 
 import contextlib
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -79,6 +80,10 @@ class Trainer:
         self.progress = Progress()
         if ckpt is not None:
             self._resume(ckpt)
+        if cfg.train.compile:
+            # Inductor's FX-graph and AOTAutograd caches (on by default) turn the next run's compilation into
+            # a load from disk: keep them beside the data cache, where `make clean` and .gitignore know them.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(".cache/torchinductor").resolve()))
         self.fwd_model = torch.compile(self.model) if cfg.train.compile else self.model
         # bf16 matmuls are slow on CPU: train in fp32 there.
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" \
