@@ -6,10 +6,10 @@
     python -m scripts.bench_train --peak-tflops 0.15    # MFU against a peak you know better than the estimate
 
 A step is what train.py runs: forward, backward, gradient clipping, the optimizer step (ours: the
-trainer's AdamW from training/optim.py; transformers: torch's AdamW with the same settings and its
-defaults otherwise, as a transformers user gets it). Each round times every variant in turn for
---steps steps after --warmup, so a change of machine load hits all of them alike; the table gives each
-variant's median over the rounds, and its ratio to transformers within each round (the A/B figure).
+trainer's AdamW from training/optim.py, fused; transformers: torch's fused AdamW with the same settings,
+which transformers' Trainer picks with torch >= 2.8, `adamw_torch_fused`). Each round times every
+variant in turn for --steps steps after --warmup, so a change of machine load hits all of them alike;
+the table gives each variant's median over the rounds, and its ratio to transformers in each round.
 MFU is tokens/s x FLOPs per token / the device's peak, both defined in training/metrics.py.
 """
 
@@ -56,7 +56,7 @@ def transformers_llama(cfg: ModelConfig, x: torch.Tensor):
         max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False, attn_implementation="sdpa"))
     tc = TrainConfig()
     params = list(hf.parameters())
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay, fused=True)
     # The same seq_len input tokens as ours; transformers shifts the labels inside (seq_len - 1 predictions)
     return train_step(lambda: hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss, params, opt, tc.grad_clip)
 
