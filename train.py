@@ -85,7 +85,8 @@ def loop(t: Trainer, signals: StopOnSignal) -> dict:
         if step % c.log_every == 0 or step == c.max_steps:
             record = t.log_step(stats)
             if bar is not None:
-                bar.set_postfix(loss=f"{stats['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                mfu = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+                bar.set_postfix(loss=f"{stats['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", **mfu)
         if bar is not None:
             bar.update(1)
         # Each rank has its own clock and signals: decide together, or the others would wait forever.

@@ -1,17 +1,24 @@
-"""Training throughput: tokens/s and MFU against a matmul peak measured on this machine.
+"""Training step time and MFU: ours against transformers' LlamaForCausalLM on the same shape.
 
-    python -m scripts.bench_train                       # the README shape, fp32, eager and compiled
-    python -m scripts.bench_train --attention mla --steps 10
-    python -m scripts.bench_train --baseline-hf         # also time transformers' LlamaForCausalLM (if installed)
+    python -m scripts.bench_train                       # the README shape, fp32: ours eager, compiled, transformers
+    python -m scripts.bench_train --variants eager hf --rounds 5
+    python -m scripts.bench_train --attention mla --variants eager compiled
+    python -m scripts.bench_train --peak-tflops 0.15    # MFU against a peak you know better than the estimate
     python -m scripts.bench_train --busy                # next to a process spinning on one core, thread governor on
     python -m scripts.bench_train --busy --fixed-threads  # ... threads fixed (train.py's default)
 
-FLOPs per token follow the PaLM appendix: 6 x (matmul parameters) + 12 x layers x heads x head_dim
-x seq_len for attention (halved: causal). MFU = achieved FLOP/s / peak, where the peak is the best
-of a few large fp32 matmuls on this machine (so MFU is relative to what this CPU can really do).
+A step is what train.py runs: forward, backward, gradient clipping, the optimizer step (ours: the
+trainer's AdamW from training/optim.py, fused; transformers: torch's fused AdamW with the same settings,
+which transformers' Trainer picks with torch >= 2.8, `adamw_torch_fused`). Each round times every
+variant in turn for --steps steps after --warmup, so a change of machine load hits all of them alike;
+the table gives each variant's median over the rounds, and its ratio to transformers in each round.
+MFU is tokens/s x FLOPs per token / the device's peak, both defined in training/metrics.py.
+--busy runs every round next to a process spinning on one core, our variants under the thread governor
+that train.adaptive_threads=true runs between steps (engine/threads.py) unless --fixed-threads.
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -19,75 +26,48 @@ import torch
 from engine.threads import ThreadGovernor
 from model import ModelConfig, Transformer
 from scripts.busy import spin_one_core
+from training.config import TrainConfig
+from training.metrics import flops_per_token, peak_flops
+from training.optim import build_optimizer
+
+VARIANTS = ("eager", "compiled", "hf")
 
 
-def matmul_peak(device: torch.device, dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 1):
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+def train_step(forward, params, optimizer, clip: float, governor=None):
+    """One step as Trainer.train_step runs it (without its loss and gradient-norm checks)."""
+    def step():
+        if governor is not None:  # train.adaptive_threads=true: fewer threads while other processes take cores
+            governor.update()
+        forward().backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, n_matmul_params: int) -> float:
-    attn_width = cfg.n_heads * ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2
-                                if cfg.attention == "mla" else cfg.head_dim)
-    return 6 * n_matmul_params + 12 * cfg.n_layers * attn_width * seq_len / 2
-
-
-def time_steps(step_fn, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step_fn()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step_fn()
-    return (time.perf_counter() - t) / steps
-
-
-def bench_ours(cfg: ModelConfig, args, compile_model: bool) -> float:
+def ours(cfg: ModelConfig, x: torch.Tensor, compiled: bool, governor=None):
     torch.manual_seed(0)
     model = Transformer(cfg, backend="sdpa")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model) if compile_model else model
-    x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1))
-    # --busy: train.adaptive_threads=true's governor between steps, as Trainer.train_step runs it
-    governor = ThreadGovernor() if args.busy and not args.fixed_threads else None
-
-    def step():
-        if governor is not None:
-            governor.update()
-        _, loss = fwd(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    threads = torch.get_num_threads()
-    try:
-        return time_steps(step, args.steps, args.warmup + (2 if compile_model else 0))
-    finally:
-        torch.set_num_threads(threads)  # the next measurement starts from the same count
+    fwd = torch.compile(model) if compiled else model
+    tc = TrainConfig()
+    params = list(model.parameters())
+    return train_step(lambda: fwd(x[:, :-1], x[:, 1:])[1], params, build_optimizer(model, tc, "cpu"), tc.grad_clip,
+                      governor)
 
 
-def bench_hf(cfg: ModelConfig, args) -> float:
+def transformers_llama(cfg: ModelConfig, x: torch.Tensor):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        max_position_embeddings=args.seq_len, tie_word_embeddings=False, attn_implementation="sdpa"))
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-    x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len))
-
-    def step():
-        hf(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return time_steps(step, args.steps, args.warmup)
+        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False, attn_implementation="sdpa"))
+    tc = TrainConfig()
+    params = list(hf.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay, fused=True)
+    # The same seq_len input tokens as ours; transformers shifts the labels inside (seq_len - 1 predictions)
+    return train_step(lambda: hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss, params, opt, tc.grad_clip)
 
 
 def main():
@@ -101,43 +81,64 @@ def main():
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
-    p.add_argument("--baseline-hf", action="store_true", help="also time transformers' LlamaForCausalLM")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                   help="eager: ours as train.compile=false runs it; compiled: train.compile=true; hf: transformers")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of alternated timings")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the first round "
+                   "(compiled: the compilation happens here)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for MFU "
+                   "(default: estimated from the CPU, see training/metrics.py)")
     p.add_argument("--busy", action="store_true", help="time the steps next to a process spinning on one core, "
-                   "our steps under the thread governor (train.adaptive_threads=true)")
+                   "ours under the thread governor (train.adaptive_threads=true)")
     p.add_argument("--fixed-threads", action="store_true",
                    help="with --busy: keep the thread count fixed, as train.py does by default")
     args = p.parse_args()
     if args.fixed_threads and not args.busy:
         p.error("--fixed-threads goes with --busy (without it, the threads are fixed already)")
+    if "hf" in args.variants and args.attention == "mla":
+        p.error("transformers' LlamaForCausalLM has no MLA: drop hf from --variants")
 
     kv = {"mha": args.n_heads, "mqa": 1}.get(args.attention, args.n_kv_heads)
     cfg = ModelConfig(vocab_size=args.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                       n_kv_heads=kv, ffn_dim=args.ffn_dim, max_seq_len=args.seq_len, attention=args.attention)
-    model = Transformer(cfg)
-    n_matmul = model.num_params(include_embedding=False) - sum(
-        p.numel() for n, p in model.named_parameters() if "norm" in n)
-    fpt = flops_per_token(cfg, args.seq_len, n_matmul)
-    peak = matmul_peak(torch.device("cpu"))
+    fpt = flops_per_token(Transformer(cfg), args.seq_len)
+    peak = peak_flops(torch.device("cpu"), args.peak_tflops)
     tokens = args.batch_size * args.seq_len
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    peak_text = f"peak {peak / 1e9:.1f} GFLOP/s" if peak else "peak unknown (set --peak-tflops)"
     print(f"{args.attention}: d={args.dim} L={args.n_layers} H={args.n_heads} kv={kv} ffn={args.ffn_dim} "
           f"vocab={args.vocab_size} | batch {args.batch_size} x seq {args.seq_len} fp32 | "
-          f"threads {torch.get_num_threads()} | measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    if args.busy:  # after the peak, which is the idle machine's
+          f"threads {torch.get_num_threads()} | {fpt / 1e6:.1f} MFLOP/token | {peak_text}")
+
+    if args.busy:
         spin_one_core()
         print("one core busy: a process spins beside; our threads "
               + ("fixed" if args.fixed_threads else "under the governor (engine/threads.py)"))
-    rows = [("ours (eager)", bench_ours(cfg, args, False))]
-    if not args.no_compile:
-        rows.append(("ours (torch.compile)", bench_ours(cfg, args, True)))
-    if args.baseline_hf:
-        rows.append(("transformers LlamaForCausalLM", bench_hf(cfg, args)))
-    print(f"{'':32s} {'tokens/s':>10s} {'MFU':>7s}")
-    for name, sec in rows:
-        tok_s = tokens / sec
-        print(f"{name:32s} {tok_s:10.0f} {tok_s * fpt / peak:7.1%}")
+    governor = ThreadGovernor() if args.busy and not args.fixed_threads else None
+    threads = torch.get_num_threads()
+    steps = {}
+    for name in args.variants:
+        t = time.perf_counter()
+        steps[name] = transformers_llama(cfg, x) if name == "hf" else ours(cfg, x, name == "compiled", governor)
+        for _ in range(args.warmup):
+            steps[name]()
+        print(f"{name}: built and warmed up in {time.perf_counter() - t:.1f} s")
+    tok_s = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            tok_s[name].append(tokens * args.steps / (time.perf_counter() - t))
+            torch.set_num_threads(threads)  # the next variant starts from the same count
+
+    print(f"{'':10s} {'tokens/s (median, each round)':>44s} {'MFU':>7s} {'x transformers (each round)':>30s}")
+    for name, rates in tok_s.items():
+        mfu = f"{statistics.median(rates) * fpt / peak:7.1%}" if peak else f"{'-':>7s}"
+        ratio = " ".join(f"{r / h:.2f}" for r, h in zip(rates, tok_s["hf"])) if "hf" in tok_s else "-"
+        print(f"{name:10s} {statistics.median(rates):8.0f}  ({' '.join(f'{r:.0f}' for r in rates):>32s}) "
+              f"{mfu} {ratio:>30s}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import train
 import training.trainer as trainer
 from conftest import ROOT, compose_config, tiny_overrides
 from checkpoint import CheckpointError, load_checkpoint
+from model import ModelConfig
+from test_train_speed import counted_flops_per_token
 
 
 def metrics(out_dir: Path) -> list[dict]:
@@ -30,7 +32,7 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 def test_few_steps_per_variant(attention, corpus, data_cache, tmp_path):
     out = tmp_path / attention
     cfg = compose_config(tiny_overrides(corpus, data_cache, out) + [f"attention={attention}", "train.max_steps=8",
-                                                                    "train.lr=3e-3"])
+                                                                    "train.lr=3e-3", "train.peak_tflops=0.001"])
     summary = train.run(cfg)
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, 9))
@@ -45,6 +47,11 @@ def test_few_steps_per_variant(attention, corpus, data_cache, tmp_path):
     assert summary["final_val_loss"] == evals[-1]["val_loss"]
     ckpt = load_checkpoint(out)
     assert ckpt.config["model"]["attention"] == attention
+    # MFU: tokens/s x the FLOPs torch's counter counts per token / the peak given (1 GFLOP/s)
+    flops = counted_flops_per_token(ModelConfig(**{**ckpt.config["model"], "max_seq_len": cfg.train.seq_len}))
+    for r in metrics(out):
+        if "train_loss" in r:
+            assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e9)
     assert (out / "checkpoints" / "latest").resolve().name == "step_0000008"
 
 
@@ -176,7 +183,7 @@ def test_wandb_offline_run_holds_metrics(corpus, data_cache, tmp_path, monkeypat
     logged = {h["_step"]: h for h in history}
     for r in metrics(out):
         row = logged[r["step"]]
-        for key in ("train_loss", "val_loss", "val_bpb"):
+        for key in ("train_loss", "mfu", "val_loss", "val_bpb"):
             if key in r:
                 assert row[key] == pytest.approx(r[key])
     assert summary["final_step"] == 6 and "final_val_loss" in summary and summary["params"] > 0

@@ -227,6 +227,7 @@ def test_best_is_the_lowest_evaluation_even_between_saves(corpus, data_cache, tm
     ("train.lr=-0.1", "train.lr=-0.1 must be >= 0"),
     ("train.eval_batches=0", "train.eval_batches=0 must be positive"),
     ("train.max_minutes=0", "train.max_minutes=0.0 must be positive"),
+    ("train.peak_tflops=0", "train.peak_tflops=0.0 must be positive"),
     ("train.beta2=1.0", "train.beta2=1.0 must be in [0, 1)"),
     ("train.device=foo", "unknown train.device 'foo'"),
     ("attention.backend=foo", "unknown attention.backend 'foo'"),

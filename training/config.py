@@ -62,6 +62,8 @@ class TrainConfig:
     # thread count (after two steps of the make-train model, 3 threads changed the weights' last bits where
     # 1 and 2 agreed): with it on, a run is no longer bitwise repeatable or exactly resumable.
     adaptive_threads: bool = False
+    # Peak TFLOP/s of one device, the denominator of the logged `mfu`; null: estimated (training/metrics.py)
+    peak_tflops: Optional[float] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "ddp"  # under torchrun: ddp (replicate) | fsdp (shard with FSDP2)
     progress: bool = True  # show a progress bar
@@ -120,6 +122,8 @@ def check_options(cfg) -> None:
                                  ("beta2", t.beta2, 0 <= t.beta2 < 1, "in [0, 1)")):
         if not ok:
             raise TrainConfigError(f"train.{name}={value} must be {rng}")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise TrainConfigError(f"train.peak_tflops={t.peak_tflops} must be positive (or null to estimate it)")
     if t.max_minutes is not None and t.max_minutes <= 0:
         raise TrainConfigError(f"train.max_minutes={t.max_minutes} must be positive (or null for no time budget)")
     if t.schedule not in SCHEDULES:

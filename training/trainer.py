@@ -9,6 +9,7 @@ uninterrupted one.
 
 import contextlib
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from .config import check_options, check_train_config
 from .distributed import (fail_together, forward_is_collective, full_state, gradient_sync, init_distributed,
                           load_full_state, mean_across_ranks, shutdown, sum_across_ranks, wrap_model)
 from .errors import TrainConfigError, TrainingError
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, flops_per_token, peak_flops
 from .optim import build_optimizer, lr_at
 from .resume import adopt_pretrained_config, check_resume_compatible
 from .rng import capture_rng_state, restore_rng_state
@@ -71,11 +72,19 @@ class Trainer:
         self.raw_model = Transformer(self.model_cfg, backend=cfg.attention.backend).to(self.device)
         if pretrained is not None and ckpt is None:
             self.raw_model.load_state_dict(pretrained.state_dict)  # before wrapping: FSDP shards what it finds
+        # For MFU (training/metrics.py): counted before wrapping, as FSDP shards the weights it counts.
+        self.flops_per_token = flops_per_token(self.raw_model, cfg.train.seq_len)
+        peak = peak_flops(self.device, cfg.train.peak_tflops)
+        self.peak_flops = peak * self.info.world_size if peak else None  # tokens/s is over all processes
         self.model = wrap_model(self.raw_model, self.info, cfg.train.parallel)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device.type)
         self.progress = Progress()
         if ckpt is not None:
             self._resume(ckpt)
+        if cfg.train.compile:
+            # Inductor's FX-graph and AOTAutograd caches (on by default) turn the next run's compilation into
+            # a load from disk: keep them beside the data cache, where `make clean` and .gitignore know them.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(".cache/torchinductor").resolve()))
         self.fwd_model = torch.compile(self.model) if cfg.train.compile else self.model
         # train.adaptive_threads (CPU only: training/config.py refuses it on a GPU): see train_step.
         self.threads = ThreadGovernor() if cfg.train.adaptive_threads and self.device.type == "cpu" else None
@@ -246,14 +255,16 @@ class Trainer:
         return path
 
     def log_step(self, stats: dict) -> dict:
-        """Log one step's numbers with throughput since the last logged step (the place for per-step
-        metrics such as MFU)."""
+        """Log one step's numbers with throughput since the last logged step and the MFU it makes (none
+        if the device's peak is unknown: set train.peak_tflops)."""
         now, step = time.time(), self.progress.step
         tok_s = (step - self._last_log[0]) * self.tokens_per_step / max(now - self._last_log[1], 1e-9)
         self._last_log = (step, now)
         self.logged_tok_s.append(tok_s)
         record = {"step": step, "tokens": step * self.tokens_per_step, **stats, "tokens_per_s": tok_s,
                   "elapsed_s": self.elapsed()}
+        if self.peak_flops:
+            record["mfu"] = tok_s * self.flops_per_token / self.peak_flops
         self.logger.log(record)
         return record
 

@@ -1,0 +1,80 @@
+"""The training speed paths against plain references: MFU's FLOP count (training/metrics.py) against torch's
+own FLOP counter (tests/test_train.py checks the logged MFU with it), the trainer's fused AdamW against torch's
+for-loop AdamW, the compiled step against the eager one."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from builders import tiny_config
+from model import ModelConfig, Transformer
+from training.config import TrainConfig
+from training.metrics import flops_per_token
+from training.optim import build_optimizer
+
+
+def counted_flops_per_token(cfg: ModelConfig, batch: int = 2) -> float:
+    """Forward + backward FLOPs per token that torch.utils.flop_counter counts on the model, with the
+    attention's share halved for the causal mask (the counter counts the whole score matrix). The math
+    attention backend does attention in batched matmuls (bmm) and every Linear is an mm: the counter's
+    per-op totals keep the two apart."""
+    torch.manual_seed(0)
+    model = Transformer(cfg, backend="math")
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len + 1))
+    with FlopCounterMode(display=False) as counter:
+        model(x[:, :-1], x[:, 1:])[1].backward()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert set(by_op) == {"aten.mm", "aten.bmm"}, by_op  # nothing else the count would miss
+    return (by_op["aten.mm"] + by_op["aten.bmm"] / 2) / x[:, :-1].numel()
+
+
+@pytest.mark.parametrize("attention, overrides", [
+    ("gqa", {}), ("mha", {"tie_embeddings": True}), ("mla", {}), ("mla", {"q_lora_rank": 16}),
+])
+def test_flops_per_token_matches_torch_flop_counter(attention, overrides):
+    cfg = tiny_config(attention, max_seq_len=16, **overrides)
+    assert flops_per_token(Transformer(cfg), cfg.max_seq_len) == counted_flops_per_token(cfg)
+
+
+
+def test_trainer_adamw_matches_torch_for_loop_adamw():
+    """The trainer's AdamW (fused on CPU) against torch's plain for-loop AdamW set up as training/optim.py
+    documents (decay on matrices but the embedding): the weights agree to fp32 rounding after a few steps
+    on the same gradients."""
+    cfg = TrainConfig()
+    torch.manual_seed(0)
+    models = [Transformer(tiny_config("gqa", max_seq_len=16)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fast = build_optimizer(models[0], cfg, "cpu")
+    decay = [p for n, p in models[1].named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in models[1].named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    plain = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
+                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=False)
+    for _ in range(3):
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fast.step()
+        plain.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # compiles a forward and backward graph (tens of seconds on 2 cores, less from Inductor's cache)
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_compiled_step_matches_eager(attention):
+    """train.compile=true: Inductor's fused kernels (RMSNorm, RoPE, SwiGLU, cross-entropy; matmuls and
+    attention stay torch's) give the eager step's loss and gradients to fp32 rounding."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(attention, max_seq_len=32), backend="sdpa")
+    x = torch.randint(0, model.cfg.vocab_size, (4, 33))
+    results = []
+    for forward in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        loss = forward(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=0, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=0, atol=1e-5, msg=name)
