@@ -3,6 +3,7 @@
     python -m scripts.bench_train                       # the README shape, fp32: ours eager, compiled, transformers
     python -m scripts.bench_train --variants eager hf --rounds 5
     python -m scripts.bench_train --attention mla --variants eager compiled
+    python -m scripts.bench_train --variants eager muon  # the cost of train.optimizer=muon's step
     python -m scripts.bench_train --peak-tflops 0.15    # MFU against a peak you know better than the estimate
     python -m scripts.bench_train --busy                # next to a process spinning on one core, thread governor on
     python -m scripts.bench_train --busy --fixed-threads  # ... threads fixed (train.py's default)
@@ -30,7 +31,7 @@ from training.config import TrainConfig
 from training.metrics import flops_per_token, peak_flops
 from training.optim import build_optimizer
 
-VARIANTS = ("eager", "compiled", "hf")
+VARIANTS = ("eager", "compiled", "hf", "muon")
 
 
 def train_step(forward, params, optimizer, clip: float, governor=None):
@@ -45,11 +46,11 @@ def train_step(forward, params, optimizer, clip: float, governor=None):
     return step
 
 
-def ours(cfg: ModelConfig, x: torch.Tensor, compiled: bool, governor=None):
+def ours(cfg: ModelConfig, x: torch.Tensor, compiled: bool, optimizer: str = "adamw", governor=None):
     torch.manual_seed(0)
     model = Transformer(cfg, backend="sdpa")
     fwd = torch.compile(model) if compiled else model
-    tc = TrainConfig()
+    tc = TrainConfig(optimizer=optimizer)
     params = list(model.parameters())
     return train_step(lambda: fwd(x[:, :-1], x[:, 1:])[1], params, build_optimizer(model, tc, "cpu"), tc.grad_clip,
                       governor)
@@ -82,7 +83,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
-                   help="eager: ours as train.compile=false runs it; compiled: train.compile=true; hf: transformers")
+                   help="eager: ours as train.compile=false runs it; compiled: train.compile=true; hf: transformers; "
+                   "muon: eager with train.optimizer=muon")
     p.add_argument("--rounds", type=int, default=3, help="rounds of alternated timings")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the first round "
@@ -120,7 +122,10 @@ def main():
     steps = {}
     for name in args.variants:
         t = time.perf_counter()
-        steps[name] = transformers_llama(cfg, x) if name == "hf" else ours(cfg, x, name == "compiled", governor)
+        if name == "hf":
+            steps[name] = transformers_llama(cfg, x)
+        else:
+            steps[name] = ours(cfg, x, name == "compiled", "muon" if name == "muon" else "adamw", governor)
         for _ in range(args.warmup):
             steps[name]()
         print(f"{name}: built and warmed up in {time.perf_counter() - t:.1f} s")
