@@ -21,11 +21,13 @@ from checkpoint import load_checkpoint
 TOL = 1e-5
 
 
-def overrides(corpus, data_cache, out_dir) -> list[str]:
+def overrides(corpus, data_cache, out_dir, optimizer: str = "adamw") -> list[str]:
     """The tiny test config, with 96 sequences of 33 tokens per step: the validation split then holds
-    93 windows, fewer than one batch and odd, so 2 ranks score unequal shares (47 and 46 rows)."""
+    93 windows, fewer than one batch and odd, so 2 ranks score unequal shares (47 and 46 rows).
+    AdamW, not the default Muon: FSDP refuses Muon, and one reference run serves DDP, FSDP and the crash
+    tests (test_ddp_with_muon_matches_one covers the default)."""
     return tiny_overrides(corpus, data_cache, out_dir) + ["train.seq_len=33", "train.batch_size=96",
-                                                          "train.grad_accum=2"]
+                                                          "train.grad_accum=2", f"train.optimizer={optimizer}"]
 
 
 def launch(args: list[str], nproc: int, cwd: Path, script: Path = ROOT / "train.py", env: dict = None):
@@ -109,6 +111,15 @@ def test_two_processes_match_one(parallel, corpus, data_cache, reference_run, tm
     assert len(steps) == len(set(steps)) == len(metrics(reference_run))
     assert proc.stdout.count("model: gqa") == 1 and f"x 2 ({parallel})" in proc.stdout
     assert len(list((wandb_dir / "wandb").glob("offline-run-*"))) == (parallel == "ddp")
+
+
+@pytest.mark.slow
+def test_ddp_with_muon_matches_one(corpus, data_cache, tmp_path):
+    """The default optimizer under DDP: every rank orthogonalises the same all-reduced gradients."""
+    one, two = tmp_path / "one", tmp_path / "ddp"
+    train.run(compose_config(overrides(corpus, data_cache, one, optimizer="muon")))
+    ok(torchrun(overrides(corpus, data_cache, two, optimizer="muon") + ["train.parallel=ddp"], 2, tmp_path))
+    assert_same_run(two, one)
 
 
 def test_fail_together(tmp_path):

@@ -34,7 +34,7 @@ def test_muon_gets_the_hidden_matrices_and_adamw_the_rest(attention, tie):
     assert decayed == (set() if tie else {"lm_head.weight"})
     assert muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
     # adamw: a single AdamW over everything, as before the option existed.
-    (only,) = build_optimizer(model, TrainConfig(), "cpu")
+    (only,) = build_optimizer(model, TrainConfig(optimizer="adamw"), "cpu")
     assert isinstance(only, torch.optim.AdamW) and sum(len(g["params"]) for g in only.param_groups) == len(name)
 
 

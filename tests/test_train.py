@@ -59,7 +59,7 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("optimizer", ["muon", pytest.param("adamw", marks=pytest.mark.slow)])  # the default, and the other
 def test_resume_is_exact(optimizer, corpus, data_cache, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     base = tiny_overrides(corpus, data_cache, straight) + ["train.grad_accum=2", f"train.optimizer={optimizer}"]

@@ -41,7 +41,7 @@ def test_trainer_adamw_matches_torch_for_loop_adamw():
     """The trainer's AdamW (fused on CPU) against torch's plain for-loop AdamW set up as training/optim.py
     documents (decay on matrices but the embedding): the weights agree to fp32 rounding after a few steps
     on the same gradients."""
-    cfg = TrainConfig()
+    cfg = TrainConfig(optimizer="adamw")
     torch.manual_seed(0)
     models = [Transformer(tiny_config("gqa", max_seq_len=16)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())

@@ -233,7 +233,7 @@ def test_best_is_the_lowest_evaluation_even_between_saves(corpus, data_cache, tm
     ("attention.backend=foo", "unknown attention.backend 'foo'"),
     ("attention.backend=triton", "attention.backend=triton needs a CUDA device"),
     ("train.optimizer=sgd", "unknown train.optimizer 'sgd': choose adamw or muon"),
-    ("train.optimizer=muon train.parallel=fsdp", "train.optimizer=muon needs whole matrices"),
+    ("train.parallel=fsdp", "train.optimizer=muon needs whole matrices"),  # README: FSDP2 refuses the default Muon
 ])
 def test_bad_option_is_refused_before_any_work(option, message, corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would make triton usable on CPU
@@ -337,17 +337,36 @@ def test_resume_from_a_checkpoint_path_and_notes_on_changes(corpus, data_cache, 
     train.run(compose_config(tiny_overrides(corpus, data_cache, second) + [f"train.resume={step3}"]))
     assert {s: v for s, v in train_losses(second).items()} == {s: v for s, v in train_losses(straight).items()
                                                                if s > 3}
-    # A resume that changes the LR or the length says so in one line each.
+    # A resume that changes the LR or the length, or lets the thread count vary, says so in one line each.
     capsys.readouterr()
     train.run(compose_config(tiny_overrides(corpus, data_cache, second) + ["train.resume=true", "train.lr=1e-3",
-                                                                           "train.max_steps=8"]))
+                                                                           "train.max_steps=8",
+                                                                           "train.adaptive_threads=true"]))
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1
     assert "train.lr: 0.002 -> 0.001: the run is no longer the exact continuation" in notes[0]
+    assert "train.adaptive_threads=true: the thread count follows the machine's load" in notes[0]
     # The LR by hand: cosine after 2 warmup steps, to 10% of the peak at max_steps (6 before, 8 now).
     cosine = lambda step, n, lr: lr * 0.1 + 0.5 * (lr - lr * 0.1) * (1 + math.cos(math.pi * (step - 2) / (n - 2)))  # noqa: E731
     assert f"train.max_steps 6 -> 8: the LR schedule now spans 8 steps (LR at step 6: " \
            f"{cosine(6, 6, 2e-3):.3g} -> {cosine(6, 8, 1e-3):.3g})" in notes[0]
+
+
+def test_resume_of_a_checkpoint_from_before_the_optimizer_option_names_adamw():
+    """Checkpoints written before train.optimizer existed were trained with AdamW; the default is now Muon,
+    whose state would start from nothing: the resume is refused with the option that continues it."""
+    from omegaconf import OmegaConf
+
+    from training.resume import check_resume_compatible
+
+    current = OmegaConf.to_container(compose_config([]))
+    saved = OmegaConf.to_container(compose_config([]))
+    del saved["train"]["optimizer"]
+    with pytest.raises(CheckpointError, match=re.escape("trained with train.optimizer=adamw, now muon; resume "
+                                                        "with train.optimizer=adamw")):
+        check_resume_compatible(saved, current, step=3)
+    current["train"]["optimizer"] = "adamw"
+    assert check_resume_compatible(saved, current, step=3) == []
 
 
 def test_time_budget_stops_and_saves(corpus, data_cache, tmp_path, monkeypatch):

@@ -34,9 +34,10 @@ class TrainConfig:
     batch_size: int = 32  # global sequences per optimizer step, whatever the number of processes
     seq_len: int = 128  # tokens per sequence (<= model.max_seq_len)
     grad_accum: int = 1  # micro-batches per step: each process runs batch_size / (world * grad_accum)
-    # adamw | muon (torch.optim.Muon for the attention and SwiGLU matrices, AdamW for embeddings, norms and
-    # the head; training/optim.py). docs/recipe.md: the ablation that compares them
-    optimizer: str = "adamw"
+    # muon | adamw. muon: torch.optim.Muon for the attention and SwiGLU matrices, AdamW for embeddings, norms
+    # and the head (training/optim.py); lower val loss in the same minutes (docs/recipe.md). train.parallel=fsdp
+    # needs adamw
+    optimizer: str = "muon"
     lr: float = 2e-3  # peak learning rate (Muon's too: its update is scaled to AdamW's RMS)
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
     warmup_steps: int = 50

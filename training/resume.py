@@ -17,7 +17,7 @@ EXACT_TRAIN_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fra
 
 def check_resume_compatible(saved: dict, current: dict, step: int) -> list[str]:
     """Refuse a resume that would silently train something else (another model, data, batch shape); return
-    one note per change that makes it inexact (seed, optimizer, schedule) or longer (max_steps)."""
+    one note per change that makes it inexact (seed, schedule, adaptive threads) or longer (max_steps)."""
     for section in ("model", "data"):
         diff = sorted(k for k in set(saved[section]) | set(current[section])
                       if saved[section].get(k) != current[section].get(k) and k not in ("num_proc", "cache_dir"))
@@ -39,6 +39,9 @@ def check_resume_compatible(saved: dict, current: dict, step: int) -> list[str]:
     changed += [f"train.{k}: {saved['train'][k]} -> {current['train'][k]}" for k in EXACT_TRAIN_KEYS
                 if saved["train"].get(k) != current["train"][k]]
     notes = [f"resuming with {', '.join(changed)}: the run is no longer the exact continuation"] if changed else []
+    if current["train"].get("adaptive_threads"):  # the thread count can change a sum's last bits
+        notes.append("train.adaptive_threads=true: the thread count follows the machine's load, so the continuation "
+                     "may differ from an uninterrupted run in the last bits")
     old, new = saved["train"]["max_steps"], current["train"]["max_steps"]
     if old != new:
         # "Train longer" (or shorter): the schedule is recomputed over the new max_steps, from the step reached
