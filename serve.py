@@ -21,8 +21,9 @@ exports have one), rendered with jinja2; else the plain template for base models
 
 Errors are OpenAI-style JSON bodies {"error": {"message", "type", "param", "code"}}: 400 for invalid
 parameters, malformed JSON or a prompt longer than the context; 404 for an unknown model; 429 when
-max_num_seqs requests run and --max-queue more wait; 503 while shutting down. A client that closes its
-stream has its request aborted and its KV blocks freed. SIGTERM (or Ctrl-C) stops accepting
+max_num_seqs requests run and --max-queue more wait; 503 while shutting down. A client that leaves
+(closes its stream, or its connection while it waits for a whole answer) has its requests aborted and
+their KV blocks freed. SIGTERM (or Ctrl-C) stops accepting
 connections, lets in-flight requests finish (up to --drain-timeout seconds, then aborts them), and
 exits.
 """
@@ -262,12 +263,31 @@ async def merged(server: Server, prompts: list[list[int]], params):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def unless_disconnected(request, work):
+    """Await `work` (a coroutine) unless the client disconnects first: then cancel it (a merged() inside
+    aborts its requests) and return None. After the body is read, the next ASGI message uvicorn delivers
+    is http.disconnect: when the client closes the connection, or once the response is sent."""
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    return None if task.cancelled() else task.result()
+
+
 def create_app(server: Server):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from fastapi.staticfiles import StaticFiles
 
     @asynccontextmanager
@@ -303,17 +323,23 @@ def create_app(server: Server):
         p, c = sum(map(len, prompts)), sum(len(ch.token_ids) for ch in choices)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def respond(body: dict, prompts: list[list[int]], params, choices: list[Choice], chunk, final):
+    async def respond(request: Request, body: dict, prompts: list[list[int]], params, choices: list[Choice], chunk,
+                      final):
         """Run the prompts; stream chunk(choice, piece, up) events or return final(choices)."""
         n = params.n
         server.check_capacity(len(prompts))
         if not body.get("stream"):
-            try:
+            async def collect():
                 async for i, up in merged(server, prompts, params):
                     choices[i * n + up.sample_index].add(up)
+                return final(choices)
+
+            try:
+                answer = await unless_disconnected(request, collect())
             except Exception as e:
                 raise as_api_error(e) from None
-            return JSONResponse(final(choices))
+            # None: nobody is there to read a response (499, nginx's "client closed request", for the log)
+            return JSONResponse(answer) if answer is not None else Response(status_code=499)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         updates = merged(server, prompts, params)
         try:  # the first update (or the error of a request the engine refused) before the 200
@@ -381,7 +407,7 @@ def create_app(server: Server):
                  "logprobs": c.completion_logprobs(c.logprobs) if params.logprobs is not None else None,
                  "finish_reason": c.finish_reason} for c in chs], "usage": usage(ids, chs)}
 
-        return await respond(body, ids, params, choices, chunk, final)
+        return await respond(request, body, ids, params, choices, chunk, final)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -420,7 +446,7 @@ def create_app(server: Server):
                  "logprobs": c.chat_logprobs(c.logprobs) if logprobs is not None else None,
                  "finish_reason": c.finish_reason} for c in chs], "usage": usage(ids, chs)}
 
-        return await respond(body, ids, params, choices, chunk, final)
+        return await respond(request, body, ids, params, choices, chunk, final)
 
     @app.get("/v1/models")
     async def models():

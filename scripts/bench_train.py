@@ -1,16 +1,16 @@
 """Training step time and MFU: ours against transformers' LlamaForCausalLM on the same shape.
 
-    python -m scripts.bench_train                       # the README shape, fp32: ours eager, compiled, transformers
-    python -m scripts.bench_train --variants eager hf --rounds 5
-    python -m scripts.bench_train --attention mla --variants eager compiled
-    python -m scripts.bench_train --variants eager muon  # the cost of train.optimizer=muon's step
+    python -m scripts.bench_train                       # the README shape, fp32: ours (muon, adamw, compiled), transformers
+    python -m scripts.bench_train --variants muon hf --rounds 5
+    python -m scripts.bench_train --attention mla --variants muon compiled
+    python -m scripts.bench_train --variants muon adamw  # the cost of the default Muon's step against AdamW's
     python -m scripts.bench_train --peak-tflops 0.15    # MFU against a peak you know better than the estimate
     python -m scripts.bench_train --busy                # next to a process spinning on one core, thread governor on
     python -m scripts.bench_train --busy --fixed-threads  # ... threads fixed (train.py's default)
 
 A step is what train.py runs: forward, backward, gradient clipping, the optimizer step (ours: the
-trainer's AdamW from training/optim.py, fused; transformers: torch's fused AdamW with the same settings,
-which transformers' Trainer picks with torch >= 2.8, `adamw_torch_fused`). Each round times every
+trainer's optimizer from training/optim.py, Muon by default, AdamW fused; transformers: torch's fused
+AdamW with the same settings, which transformers' Trainer picks with torch >= 2.8, `adamw_torch_fused`). Each round times every
 variant in turn for --steps steps after --warmup, so a change of machine load hits all of them alike;
 the table gives each variant's median over the rounds, and its ratio to transformers in each round.
 MFU is tokens/s x FLOPs per token / the device's peak, both defined in training/metrics.py.
@@ -31,7 +31,7 @@ from training.config import TrainConfig
 from training.metrics import flops_per_token, peak_flops
 from training.optim import build_optimizer
 
-VARIANTS = ("eager", "compiled", "hf", "muon")
+VARIANTS = ("muon", "adamw", "compiled", "hf")
 
 
 def train_step(forward, params, optimizer, clip: float, governor=None):
@@ -46,7 +46,7 @@ def train_step(forward, params, optimizer, clip: float, governor=None):
     return step
 
 
-def ours(cfg: ModelConfig, x: torch.Tensor, compiled: bool, optimizer: str = "adamw", governor=None):
+def ours(cfg: ModelConfig, x: torch.Tensor, compiled: bool, optimizer: str, governor=None):
     torch.manual_seed(0)
     model = Transformer(cfg, backend="sdpa")
     fwd = torch.compile(model) if compiled else model
@@ -83,8 +83,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
-                   help="eager: ours as train.compile=false runs it; compiled: train.compile=true; hf: transformers; "
-                   "muon: eager with train.optimizer=muon")
+                   help="muon: ours as train.py runs it by default; adamw: train.optimizer=adamw; compiled: "
+                   "train.compile=true (with Muon); hf: transformers")
     p.add_argument("--rounds", type=int, default=3, help="rounds of alternated timings")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the first round "
@@ -125,7 +125,7 @@ def main():
         if name == "hf":
             steps[name] = transformers_llama(cfg, x)
         else:
-            steps[name] = ours(cfg, x, name == "compiled", "muon" if name == "muon" else "adamw", governor)
+            steps[name] = ours(cfg, x, name == "compiled", "adamw" if name == "adamw" else "muon", governor)
         for _ in range(args.warmup):
             steps[name]()
         print(f"{name}: built and warmed up in {time.perf_counter() - t:.1f} s")

@@ -263,6 +263,11 @@ def test_client_disconnect_aborts_and_frees_blocks(inproc, gate):
         while not next(lines).startswith("data: "):
             pass
         assert inproc.metrics()["smallllm_kv_blocks_used"] > 0
+    assert_aborted_and_freed(inproc, gate, before)
+
+
+def assert_aborted_and_freed(inproc, gate, before: dict) -> None:
+    """The client of the one request in flight (its prefill done, the engine held) has just left."""
     until(lambda: inproc.app.engine.num_in_flight == 0, "the server to notice the disconnect")
     # The handler queued the abort in the same synchronous stretch that left num_in_flight at 0, so a
     # round trip through the server's event loop proves it is in the engine's inbox before its next step.
@@ -275,6 +280,23 @@ def test_client_disconnect_aborts_and_frees_blocks(inproc, gate):
     # the prefill's token and at most the held step's (the engine may have taken the abort before it)
     assert after["smallllm_generation_tokens_total"] - before["smallllm_generation_tokens_total"] <= 2
     assert after["smallllm_kv_blocks_used"] == 0 and after["smallllm_requests_running"] == 0
+
+
+def test_client_gone_before_a_whole_answer_aborts_and_frees_blocks(inproc, gate):
+    """A non-streamed request (nothing is written to its client until the answer is whole) whose client
+    closes the connection after the prefill, the engine held: the server notices all the same."""
+    import socket
+
+    before = inproc.metrics()
+    body = json.dumps({"prompt": "To be", "max_tokens": 250, "ignore_eos": True}).encode()
+    host, port = inproc.url.removeprefix("http://").split(":")
+    gate.allow(1)  # the prefill
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        until(lambda: inproc.metrics()["smallllm_generation_tokens_total"] >
+              before["smallllm_generation_tokens_total"], "the prefill")
+    assert_aborted_and_freed(inproc, gate, before)
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, llm):
