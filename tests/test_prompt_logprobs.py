@@ -83,6 +83,7 @@ def test_preempted_request_keeps_its_prompt_logprobs():
     llm = LLM(model=model, device="cpu", block_size=8, num_blocks=14)
     outs = llm.generate(prompts, sp)
     assert llm.stats.preemptions > 0
+    assert llm.stats.prefix_hit_tokens > 0  # a re-admitted sequence has its log-probs: it takes hits again
     ref = LLM(model=model, device="cpu", use_cache=False).generate(prompts, sp)
     for p, o, r in zip(prompts, outs, ref):
         assert_matches(o.prompt_logprobs, p, reference(model64, p), k=0)
