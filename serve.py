@@ -13,6 +13,9 @@ Parameters: prompt (a string, a list of strings, a list of token ids or of such 
 seed, stream, logprobs (completions: an int, the alternatives per token; chat: logprobs true and
 top_logprobs), echo (completions), and, named as in vLLM, top_k, min_p, repetition_penalty,
 ignore_eos. Log-probabilities are those of the model's distribution (before temperature and filters).
+Completions with echo and logprobs cover the prompt too (OpenAI's legacy format: the first prompt
+token has null log-probs), which is how evaluation harnesses score a text; max_tokens 0 with echo
+scores the prompt without generating (the engine's one token is dropped, as vLLM does).
 
 Chat prompts: the "chat_template" of tokenizer_config.json in the checkpoint folder (Hugging Face
 exports have one), rendered with jinja2; else the plain template for base models:
@@ -106,7 +109,7 @@ def _get(body: dict, key: str, kinds, default=None):
     return value
 
 
-def sampling_params(body: dict, max_tokens: int, logprobs: Optional[int]):
+def sampling_params(body: dict, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int] = None):
     from engine import SamplingParams
 
     stop = _get(body, "stop", (str, list)) or []
@@ -117,7 +120,8 @@ def sampling_params(body: dict, max_tokens: int, logprobs: Optional[int]):
             top_k=_get(body, "top_k", int, 0), min_p=float(_get(body, "min_p", (int, float), 0.0)),
             repetition_penalty=float(_get(body, "repetition_penalty", (int, float), 1.0)),
             max_new_tokens=max_tokens, stop=stop, ignore_eos=bool(_get(body, "ignore_eos", bool, False)),
-            seed=_get(body, "seed", int), n=_get(body, "n", int, 1), logprobs=logprobs)
+            seed=_get(body, "seed", int), n=_get(body, "n", int, 1), logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs)
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
@@ -177,33 +181,49 @@ class Server:
 
 
 class Choice:
-    """One sample being written: its token ids, streamed text and logprobs."""
+    """One sample being written: its token ids, streamed text and logprobs.
 
-    def __init__(self, server: Server, index: int, stops: list[str], prefix: str = ""):
+    Echo: `prefix` is the prompt's text, written first, and `prompt_ids` its tokens, whose log-probs
+    (on the sample's first update, when asked for) come first in `logprobs`. score_only (echo with
+    max_tokens 0): the one token the engine generates is dropped, so the choice is the prompt alone."""
+
+    def __init__(self, server: Server, index: int, stops: list[str], prefix: str = "", prompt_ids=(),
+                 score_only: bool = False):
         from engine.text import TextStream
 
         self.server, self.index, self.prefix = server, index, prefix
+        self.prompt_ids, self.score_only = prompt_ids, score_only
         self.token_ids: list[int] = []
         self.stream = TextStream(server.llm.decode, stops)
-        self.logprobs: list = []  # (token, TokenLogprobs, offset of its text in the choice's text)
+        self.logprobs: list = []  # (token, TokenLogprobs or None, offset of its text in the choice's text)
+        self.added = 0  # logprobs[added:] came with the last update (what a streamed chunk carries)
         self.offset = len(prefix)
         self.finish_reason: Optional[str] = None
         self.text = ""
 
     def add(self, up) -> str:
         """Take one update; returns the new text to stream (the prefix first)."""
-        self.token_ids.append(up.token)
-        if up.logprobs is not None:
-            self.logprobs.append((up.token, up.logprobs, self.offset))
-            self.offset += len(self.token_text(up.token))
-        if up.finish_reason is None:
-            piece = self.stream.push(self.token_ids)
+        self.added = len(self.logprobs)
+        if up.prompt_logprobs is not None:
+            at = 0
+            for t, lp in zip(self.prompt_ids, up.prompt_logprobs):
+                self.logprobs.append((t, lp, at))
+                at += len(self.token_text(t))
+        if self.score_only:
+            self.finish_reason, piece = "length", ""
         else:
-            self.finish_reason = up.finish_reason
-            final = self.server.llm.decode(self.token_ids)
-            if up.stop_text_len is not None:
-                final = final[:up.stop_text_len]
-            piece = self.stream.finish(final)
+            self.token_ids.append(up.token)
+            if up.logprobs is not None:
+                self.logprobs.append((up.token, up.logprobs, self.offset))
+                self.offset += len(self.token_text(up.token))
+            if up.finish_reason is None:
+                piece = self.stream.push(self.token_ids)
+            else:
+                self.finish_reason = up.finish_reason
+                final = self.server.llm.decode(self.token_ids)
+                if up.stop_text_len is not None:
+                    final = final[:up.stop_text_len]
+                piece = self.stream.finish(final)
         piece, self.prefix = self.prefix + piece, ""
         self.text += piece
         return piece
@@ -212,9 +232,10 @@ class Choice:
         return self.server.llm.decode([token])
 
     def completion_logprobs(self, entries) -> dict:
+        """OpenAI's legacy format; the first prompt token (echo) has no log-probs: null, as in OpenAI's API."""
         return {"tokens": [self.token_text(t) for t, _, _ in entries],
-                "token_logprobs": [lp.logprob for _, lp, _ in entries],
-                "top_logprobs": [self.top_dict(lp.top) for _, lp, _ in entries],
+                "token_logprobs": [None if lp is None else lp.logprob for _, lp, _ in entries],
+                "top_logprobs": [None if lp is None else self.top_dict(lp.top) for _, lp, _ in entries],
                 "text_offset": [at for _, _, at in entries]}
 
     def top_dict(self, top) -> dict:
@@ -325,7 +346,7 @@ def create_app(server: Server):
 
     async def respond(request: Request, body: dict, prompts: list[list[int]], params, choices: list[Choice], chunk,
                       final):
-        """Run the prompts; stream chunk(choice, piece, up) events or return final(choices)."""
+        """Run the prompts; stream chunk(choice, piece) events or return final(choices)."""
         n = params.n
         server.check_capacity(len(prompts))
         if not body.get("stream"):
@@ -361,9 +382,9 @@ def create_app(server: Server):
                     ch = choices[i * n + up.sample_index]
                     piece = ch.add(up)
                     if piece or up.finish_reason is not None or up.logprobs is not None:
-                        yield sse(chunk(ch, piece, up))
+                        yield sse(chunk(ch, piece))
                 if include_usage:
-                    yield sse({**chunk(None, "", None), "choices": [], "usage": usage(prompts, choices)})
+                    yield sse({**chunk(None, ""), "choices": [], "usage": usage(prompts, choices)})
                 yield "data: [DONE]\n\n"
             except Exception as e:  # after the 200: the error goes in the stream
                 yield sse(as_api_error(e).body())
@@ -386,20 +407,23 @@ def create_app(server: Server):
         ids = [server.encode(p, i) for i, p in enumerate(prompt)]
         logprobs = _get(body, "logprobs", int)
         echo = bool(_get(body, "echo", bool, False))
-        if echo and logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (prompt log-probabilities are not computed)",
-                           param="echo")
-        params = sampling_params(body, server.max_tokens(body, "max_tokens", ids, 16), logprobs)
+        max_tokens = server.max_tokens(body, "max_tokens", ids, 16)
+        score_only = echo and max_tokens == 0  # the engine generates one token; Choice drops it
+        if max_tokens < 1 and not score_only:
+            raise APIError(400, f"'max_tokens' must be >= 1 (0 only with echo, to score the prompt), got {max_tokens}",
+                           param="max_tokens")
+        # echo + logprobs: the prompt's log-probs too (SamplingParams.prompt_logprobs), as evaluation harnesses ask
+        params = sampling_params(body, max(max_tokens, 1), logprobs, logprobs if echo else None)
         prefixes = [(p if isinstance(p, str) else server.llm.decode(i)) if echo else "" for p, i in zip(prompt, ids)]
-        choices = [Choice(server, k, params.stop, prefixes[k // params.n]) for k in range(len(ids) * params.n)]
+        choices = [Choice(server, k, params.stop, prefixes[k // params.n], ids[k // params.n] if echo else (),
+                          score_only) for k in range(len(ids) * params.n)]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
 
-        def chunk(ch, piece, up):
-            lp = ch.completion_logprobs(ch.logprobs[-1:]) if ch and params.logprobs is not None and up.logprobs \
-                else None
+        def chunk(ch, piece):
+            lp = ch.completion_logprobs(ch.logprobs[ch.added:]) if ch and params.logprobs is not None else None
             return {**head, "choices": [] if ch is None else [
-                {"index": ch.index, "text": piece, "logprobs": lp, "finish_reason": up.finish_reason}]}
+                {"index": ch.index, "text": piece, "logprobs": lp, "finish_reason": ch.finish_reason}]}
 
         def final(chs):
             return {**head, "choices": [
@@ -429,16 +453,16 @@ def create_app(server: Server):
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
         started = set()
 
-        def chunk(ch, piece, up):
+        def chunk(ch, piece):
             if ch is None:
                 return head
             delta = {"content": piece}
             if ch.index not in started:
                 started.add(ch.index)
                 delta["role"] = "assistant"
-            lp = ch.chat_logprobs(ch.logprobs[-1:]) if logprobs is not None and up.logprobs else None
+            lp = ch.chat_logprobs(ch.logprobs[ch.added:]) if logprobs is not None else None
             return {**head, "choices": [{"index": ch.index, "delta": delta, "logprobs": lp,
-                                         "finish_reason": up.finish_reason}]}
+                                         "finish_reason": ch.finish_reason}]}
 
         def final(chs):
             return {**head, "object": "chat.completion", "choices": [

@@ -36,6 +36,7 @@ class Update:
     logprobs: Optional[TokenLogprobs] = None
     finish_reason: Optional[str] = None  # set on the sample's last token
     stop_text_len: Optional[int] = None  # where its text is cut, when a stop string ended it
+    prompt_logprobs: Optional[list] = None  # on each sample's first update, when its params ask for them
     error: Optional[BaseException] = None
 
 
@@ -202,7 +203,8 @@ class AsyncEngine:
                         m.itl.observe(now - last)
                     handle.last_token[seq.sample_index] = now
                     handle.send(Update(seq.sample_index, ev.token, ev.logprobs,
-                                       seq.finish_reason if ev.finished else None, seq.stop_text_len))
+                                       seq.finish_reason if ev.finished else None, seq.stop_text_len,
+                                       seq.prompt_logprobs if last is None else None))
             for ev in events:  # after delivering: a step may carry several samples of one finished request
                 if ev.request.finished and self._handles.pop(ev.request.index, None) is not None:
                     m.requests_finished += ev.error is None

@@ -92,7 +92,7 @@ def fork_samples(parent: Sequence, seq_ids: count) -> list[Sequence]:
     for j in range(1, parent.forks_pending + 1):
         child = Sequence(next(seq_ids), parent.request_index, j, list(parent.token_ids), parent.num_prompt_tokens,
                          parent.params, parent.max_tokens, generator=make_generator(parent.seed, j), seed=parent.seed,
-                         status=Status.RUNNING)
+                         status=Status.RUNNING, prompt_logprobs=parent.prompt_logprobs)
         child.logits = [] if parent.params.return_logits else None
         children.append(child)
     parent.forks_pending = 0

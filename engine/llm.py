@@ -37,7 +37,7 @@ from .core import EngineCore, GenerationStats, Request, check_prompt, fork_sampl
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .quantize import quantize_int8
-from .sampler import Sampler
+from .sampler import Sampler, TokenLogprobs, prompt_token_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import check_finished
 from .sequence import Status
@@ -57,6 +57,8 @@ class RequestOutput:
     prompt: Optional[str]
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (it has no context)
+    prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
 
     @property
     def text(self) -> Optional[str]:
@@ -279,7 +281,11 @@ class LLM:
                     for i, (ids, p) in enumerate(zip(prompt_ids, params))]
         active = []
         for r in requests:
-            r.seqs += fork_samples(r.seqs[0], seq_ids)
+            first = r.seqs[0]
+            if first.needs_prompt_logprobs:
+                logits = self.model(torch.tensor([first.token_ids], device=self.device))[0][0, :-1].float()
+                first.prompt_logprobs = prompt_token_logprobs(logits, first.token_ids, r.params.prompt_logprobs)
+            r.seqs += fork_samples(first, seq_ids)
             active += r.seqs
         st = self.stats = self._static_stats()
         while active:
@@ -318,5 +324,6 @@ class LLM:
                 logits = torch.stack(seq.logits) if seq.logits else None
                 samples.append(CompletionOutput(seq.sample_index, seq.output_token_ids, text, seq.finish_reason,
                                                 logits))
-            outs.append(RequestOutput(i, prompt if isinstance(prompt, str) else None, req.prompt_token_ids, samples))
+            outs.append(RequestOutput(i, prompt if isinstance(prompt, str) else None, req.prompt_token_ids, samples,
+                                      req.seqs[0].prompt_logprobs))
         return outs

@@ -5,7 +5,9 @@ into one row ([1, T], positions [1, T]); a sequence whose prompt starts with cac
 computes the rest (at least its last token, so a 100% prefix hit still yields logits). Decode packs
 one token per sequence. `run` then follows the cache's protocol (kv_cache.py): begin(step), the
 forward (each layer calls cache.attend), and for decode steps that hold the new K/V back, commit.
-Only the last token of each sequence goes through the LM head.
+Only the last token of each sequence goes through the LM head, except in the prefill of a sequence
+that asks for prompt log-probabilities (SamplingParams.prompt_logprobs): there every prompt position
+does, one sequence at a time, and the runner stores the result on the sequence (seq.prompt_logprobs).
 
 On CPU, decode steps of MHA/GQA/MQA models run as one C++ call (cpu_speed.CppDecodeStep: the whole
 forward, the new K/V written into the cache, logits and their argmax out) unless cpp_decode=False or
@@ -25,6 +27,7 @@ from model import Transformer
 
 from .cpu_speed import CppDecodeStep, column_major_copy, long_tensor
 from .kv_cache import PagedKVCache, StepInputs
+from .sampler import prompt_token_logprobs
 from .sequence import Sequence
 
 
@@ -89,8 +92,7 @@ class ModelRunner:
         idx = long_tensor(step.token_ids, self.device).unsqueeze(0)
         pos = long_tensor(step.positions, self.device).unsqueeze(0)
         if is_prefill:
-            last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1  # each sequence's last token
-            return self._logits(idx, pos, last), None
+            return self._prefill_logits(seqs, idx, pos, step.query_lens), None
         if not self.cache.hold_back:  # the backend wrote the new K/V layer by layer
             return self._logits(idx, pos), None
         if self.compiled:
@@ -99,11 +101,24 @@ class ModelRunner:
         self.cache.commit(k, v)
         return logits, argmax
 
-    def _logits(self, idx: torch.Tensor, pos: torch.Tensor, last=None) -> torch.Tensor:
+    def _logits(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.hidden_states(idx, pos, self.cache)[0]).float()
+
+    def _prefill_logits(self, seqs: list[Sequence], idx: torch.Tensor, pos: torch.Tensor,
+                        query_lens: list[int]) -> torch.Tensor:
+        """Logits of each sequence's last token. A sequence that needs its prompt log-probs (admitted
+        without prefix hits, so its query is its whole prompt) gets them here from the logits of every
+        prompt position, one sequence at a time: only one [prompt_len, vocab] tensor lives at once."""
         h = self.model.hidden_states(idx, pos, self.cache)[0]  # [T, dim]
-        if last is not None:
-            h = h.index_select(0, last)
-        return self.model.lm_head(h).float()
+        start = 0
+        for seq, n in zip(seqs, query_lens):
+            if seq.needs_prompt_logprobs:
+                p = seq.num_prompt_tokens
+                logits = self.model.lm_head(h[start:start + p - 1]).float()
+                seq.prompt_logprobs = prompt_token_logprobs(logits, seq.token_ids[:p], seq.params.prompt_logprobs)
+            start += n
+        last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1  # each sequence's last token
+        return self.model.lm_head(h.index_select(0, last)).float()
 
     def _decode_step(self, idx: torch.Tensor, pos: torch.Tensor):
         """(logits, their argmax when compiled else None, new K of every layer, new V or None): reads

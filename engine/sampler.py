@@ -5,7 +5,7 @@ a draw. Temperature 0 is greedy: argmax of the (penalised) logits.
 
 Rows whose SamplingParams ask for logprobs also get the log-probability of the sampled token and the
 top alternatives at that position (log-softmax of the raw logits, before penalty, temperature and
-filters).
+filters). Prompt log-probs (prompt_token_logprobs) are the same numbers at every prompt position.
 
 Each sequence draws from its own torch.Generator (seeded from the request's seed), one uniform number
 per sampled token, and picks the token by inverse CDF: a row's token depends only on its logits and
@@ -95,6 +95,14 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int]) 
     picked = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
     top_v, top_i = top_v.tolist(), top_i.tolist()
     return [TokenLogprobs(picked[r], list(zip(top_i[r][:n], top_v[r][:n]))) for r, n in enumerate(num_top)]
+
+
+def prompt_token_logprobs(logits: torch.Tensor, prompt: list[int], num_top: int) -> list[Optional[TokenLogprobs]]:
+    """Prompt log-probs: logits [len(prompt) - 1, V] (raw) of positions 0..len(prompt) - 2, each
+    predicting the next prompt token. The first token has no context: its entry is None (as in vLLM)."""
+    if len(prompt) == 1:
+        return [None]
+    return [None, *token_logprobs(logits, prompt[1:], [num_top] * (len(prompt) - 1))]
 
 
 class Sampler:

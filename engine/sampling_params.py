@@ -28,6 +28,11 @@ class SamplingParams:
                         likely tokens at its position (0 = the sampled token only; None = off), under
                         the model's distribution: log-softmax of the logits before penalty, temperature
                         and filters (what vLLM reports by default).
+    prompt_logprobs     report, for every prompt token after the first, its log-probability given the
+                        tokens before it and the `prompt_logprobs` most likely tokens at its position
+                        (vLLM's name and meaning; 0 = the token only; None = off), from the same
+                        distribution as logprobs. Such a request computes its whole prompt: it takes no
+                        prefix-cache hit (its blocks are still cached for others).
 
     The filters apply in this order: repetition penalty, temperature, top-k, top-p, min-p.
     """
@@ -44,6 +49,7 @@ class SamplingParams:
     n: int = 1
     return_logits: bool = False
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -69,6 +75,8 @@ class SamplingParams:
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         need(self.n >= 1, f"the number of samples must be >= 1, got {self.n}")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
-        need(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
+                 f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")

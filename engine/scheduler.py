@@ -8,6 +8,7 @@ Each step is either a prefill step or a decode step (prefill first, as in nano-v
     to the front of the waiting queue, to be recomputed by a later prefill (its tokens so far become
     its prompt for the cache; its output and RNG state are kept, so the result does not change).
     Nothing else is harmed: the victim only loses work.
+A sequence that still needs its prompt log-probabilities is admitted without prefix-cache hits.
 
 Retiring (EOS unless ignore_eos, a stop string, max_new_tokens or the model's context) frees blocks;
 so does remove() + BlockManager.free() for a request that is aborted or fails (engine/core.py).
@@ -66,7 +67,8 @@ class Scheduler:
         admitted, num_tokens = [], 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = self.bm.match_prefix(seq)
+            # Prompt log-probs need the logits of every prompt position: no hit may skip any.
+            hits = [] if seq.needs_prompt_logprobs else self.bm.match_prefix(seq)
             new_tokens = seq.num_tokens - len(hits) * self.bm.block_size
             if admitted and num_tokens + new_tokens > self.max_num_batched_tokens:
                 break

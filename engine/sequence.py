@@ -6,6 +6,8 @@ Invariants (kept by the block manager and the scheduler):
   - num_computed_tokens tokens (a prefix of token_ids) have their K/V in the cache. Between steps a
     running sequence has num_computed_tokens == num_tokens - 1: only the last sampled token is new.
   - A waiting sequence owns no blocks (block_table == []) and num_computed_tokens == 0.
+  - prompt_logprobs, once set, holds one entry per prompt token (None for the first): it is set by the
+    prefill forward that computed the whole prompt (model_runner.py), and shared by forked samples.
   - token_ids only grow (appended to, never changed), so block_keys[i], the prefix-cache key of
     token_ids[:(i + 1) * block_size], stays valid once computed.
 """
@@ -45,6 +47,12 @@ class Sequence:
     finish_reason: Optional[str] = None
     stop_text_len: Optional[int] = None  # where the output text is cut when a stop string ended it
     logits: Optional[list] = None  # raw logits of each generated position when params.return_logits
+    prompt_logprobs: Optional[list] = None  # [None, TokenLogprobs, ...] when params.prompt_logprobs is set
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its next prefill must compute every prompt position (so it takes no prefix-cache hit)."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
 
     @property
     def num_tokens(self) -> int:

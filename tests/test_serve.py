@@ -304,7 +304,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, llm):
     assert len(llm.encode(long_prompt)) >= llm.cfg.max_seq_len
     cases = [
         ("/v1/completions", b'{"prompt": "x", "max_tokens": ', 400, None),
-        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_new_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "'max_tokens' must be >= 1"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "0 only with echo"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs must be between 0 and 20"),
         ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "top_p"),
         ("/v1/completions", {"prompt": "x", "n": 0}, 400, "samples"),
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
