@@ -1,7 +1,7 @@
 """The whole decode step of a GQA-family model (MHA, GQA, MQA) on CPU in one C++ call
 (csrc/decode_step_cpu.cpp), built on first use.
 
-    model = decode_model(embed, rope_cos, rope_sin, norms, weights, scales, n_heads, n_kv_heads, eps)
+    model = decode_model(embed, rope_cos, rope_sin, norms, weights, scales, n_heads, n_kv_heads, eps, packed)
     logits, argmax = model.step(tokens, positions, slots, block_tables, k_buf, v_buf)
 
 `decode_model` takes the model's tensors once (references, not copies): the token embedding, the RoPE
@@ -40,10 +40,10 @@ def cpu_kernel_error() -> str | None:
 
 def decode_model(embed: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, norms: list[torch.Tensor],
                  weights: list[torch.Tensor], scales: list[torch.Tensor], n_heads: int, n_kv_heads: int,
-                 eps: float):
+                 eps: float, packed: bool = True):
     """The C++ model object (torch.classes.small_llm.DecodeModel); see the module docstring."""
     error = cpu_kernel_error()
     if error:
         raise RuntimeError(f"decode_model: the kernel is unavailable: {error}")
     return torch.classes.small_llm.DecodeModel(embed, rope_cos, rope_sin, norms, weights, scales, n_heads,
-                                               n_kv_heads, eps)
+                                               n_kv_heads, eps, packed)

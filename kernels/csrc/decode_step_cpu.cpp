@@ -35,16 +35,26 @@ namespace {
 
 using namespace small_llm;
 
-// y (+)= x @ w^T (* scale): w fp32 [N, K], or int8 [N, K] with scale [N].
+// y (+)= x @ w^T (* scale): w fp32, or int8 with scale [N], packed once here (linear.h's pack: each
+// thread then streams one contiguous run of memory instead of NB interleaved rows).
 struct Weight {
-  at::Tensor w, scale;
-  int64_t N() const { return w.size(0); }
-  int64_t K() const { return w.size(1); }
+  at::Tensor w, scale;  // w: the packed copy
+  int64_t N, K;
+  Layout L;
+  Weight(const at::Tensor& rows, const at::Tensor& scale_, bool packed) : scale(scale_), N(rows.size(0)), K(rows.size(1)) {
+    if (!packed) { w = rows; L = Layout::rows(K); return; }
+    L = Layout::packed(K);
+    w = at::empty({packed_size(N, K)}, rows.options());
+    if (rows.scalar_type() == at::kChar)
+      pack(rows.data_ptr<int8_t>(), N, K, w.data_ptr<int8_t>());
+    else
+      pack(rows.data_ptr<float>(), N, K, w.data_ptr<float>());
+  }
   void apply(const float* x, int64_t M, float* y, int64_t ldy, bool accumulate) const {
     if (w.scalar_type() == at::kChar)
-      linear(x, K(), M, w.data_ptr<int8_t>(), K(), N(), Out{y, ldy, scale.data_ptr<float>(), accumulate});
+      linear(x, K, M, w.data_ptr<int8_t>(), K, N, L, Out{y, ldy, scale.data_ptr<float>(), accumulate});
     else
-      linear(x, K(), M, w.data_ptr<float>(), K(), N(), Out{y, ldy, nullptr, accumulate});
+      linear(x, K, M, w.data_ptr<float>(), K, N, L, Out{y, ldy, nullptr, accumulate});
   }
 };
 
@@ -83,7 +93,7 @@ struct DecodeModel : torch::CustomClassHolder {
   // weights[i] with scales[i]: an empty scale for an fp32 weight, the per-channel scales for int8.
   DecodeModel(at::Tensor embed, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> norms,
               std::vector<at::Tensor> ws, std::vector<at::Tensor> scales, int64_t n_heads, int64_t n_kv_heads,
-              double eps)
+              double eps, bool packed)
       : embed(embed), cos(cos), sin(sin), norms(norms), Hq(n_heads), Hkv(n_kv_heads), eps(static_cast<float>(eps)) {
     TORCH_CHECK(ws.size() % 4 == 1 && ws.size() == scales.size() && norms.size() == (ws.size() / 4) * 2 + 1,
                 "DecodeModel: 4 weights and 2 norms per layer, then the head and the final norm");
@@ -97,7 +107,7 @@ struct DecodeModel : torch::CustomClassHolder {
       TORCH_CHECK(ws[i].dim() == 2 && ws[i].is_contiguous() && (int8 || ws[i].scalar_type() == at::kFloat) &&
                       (int8 ? scales[i].numel() == ws[i].size(0) : scales[i].numel() == 0),
                   "DecodeModel: each weight contiguous float32, or int8 with one scale per output channel");
-      weights.push_back(Weight{ws[i], scales[i].contiguous()});
+      weights.emplace_back(ws[i], scales[i].contiguous(), packed);
     }
     for (const auto& n : norms) TORCH_CHECK(n.is_contiguous() && n.numel() == dim, "DecodeModel: norms of dim values");
   }
@@ -180,6 +190,6 @@ struct DecodeModel : torch::CustomClassHolder {
 TORCH_LIBRARY_FRAGMENT(small_llm, m) {
   m.class_<DecodeModel>("DecodeModel")
       .def(torch::init<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>, int64_t, int64_t, double>())
+                       std::vector<at::Tensor>, int64_t, int64_t, double, bool>())
       .def("step", &DecodeModel::step);
 }
