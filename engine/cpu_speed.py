@@ -100,6 +100,9 @@ class CppDecodeStep:
         return cls(model, cache)
 
     def __call__(self, step) -> tuple[torch.Tensor, torch.Tensor]:
-        dev, c = self.cache.device, self.cache
-        return self.model.step(long_tensor(step.token_ids, dev), long_tensor(step.positions, dev),
-                               long_tensor(step.slot_mapping, dev), c.block_tables(step), c.k_buf, c.v_buf)
+        tables, starts = [], []
+        for t in step.block_tables:  # one flat list: sequence i's table starts at starts[i]
+            starts.append(len(tables))
+            tables += t
+        return self.model.step(step.token_ids, step.positions, step.slot_mapping, tables, starts, self.cache.k_buf,
+                               self.cache.v_buf)

@@ -112,22 +112,29 @@ struct DecodeModel : torch::CustomClassHolder {
     for (const auto& n : norms) TORCH_CHECK(n.is_contiguous() && n.numel() == dim, "DecodeModel: norms of dim values");
   }
 
-  // tokens, positions, slots [S] int64 (slot = block * block_size + offset of the new token's K/V),
-  // block_tables [S, max_blocks] int64; k_buf, v_buf the cache (written at the slots).
-  std::tuple<at::Tensor, at::Tensor> step(at::Tensor tokens, at::Tensor positions, at::Tensor slots,
-                                          at::Tensor block_tables, at::Tensor k_buf, at::Tensor v_buf) {
-    const int64_t S = tokens.numel(), max_blocks = block_tables.size(1), bs = k_buf.size(3);
+  // tokens, positions, slots: one each per sequence (slot = block * block_size + offset of the new
+  // token's K/V, -1: already cached); tables: the sequences' block tables one after another, sequence m's
+  // from starts[m]. Plain int lists, not tensors: at batch 1, building four small tensors in Python cost
+  // more than this call's arithmetic on the norms. k_buf, v_buf: the cache (written at the slots).
+  std::tuple<at::Tensor, at::Tensor> step(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                                          const std::vector<int64_t>& slots, const std::vector<int64_t>& tables,
+                                          const std::vector<int64_t>& starts, at::Tensor k_buf, at::Tensor v_buf) {
+    const int64_t S = tokens.size(), bs = k_buf.size(3);
     TORCH_CHECK(k_buf.is_contiguous() && v_buf.is_contiguous() && k_buf.scalar_type() == at::kFloat &&
                     k_buf.dim() == 5 && k_buf.size(0) == L && k_buf.size(2) == Hkv && k_buf.size(4) == D &&
                     v_buf.sizes() == k_buf.sizes(),
                 "DecodeModel.step: float32 contiguous caches [layers, blocks, kv heads, block size, head dim]");
-    const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(),
-                  *slot = slots.data_ptr<int64_t>(), *tab = block_tables.data_ptr<int64_t>();
+    TORCH_CHECK(positions.size() == tokens.size() && slots.size() == tokens.size() && starts.size() == tokens.size(),
+                "DecodeModel.step: one position, slot and table start per token");
+    const int64_t *tok = tokens.data(), *pos = positions.data(), *slot = slots.data();
     int64_t max_len = 0;
     for (int64_t m = 0; m < S; ++m) {
-      TORCH_CHECK(tok[m] >= 0 && tok[m] < embed.size(0) && pos[m] >= 0 && pos[m] < cos.size(0) &&
-                      pos[m] < max_blocks * bs,
-                  "DecodeModel.step: token or position out of range");
+      const int64_t table_end = m + 1 < S ? starts[m + 1] : static_cast<int64_t>(tables.size());
+      TORCH_CHECK(tok[m] >= 0 && tok[m] < embed.size(0) && pos[m] >= 0 && pos[m] < cos.size(0) && starts[m] >= 0 &&
+                      pos[m] < (table_end - starts[m]) * bs && table_end <= static_cast<int64_t>(tables.size()),
+                  "DecodeModel.step: token, position or block table out of range");
+      for (int64_t i = starts[m]; i < table_end; ++i)
+        TORCH_CHECK(tables[i] >= 0 && tables[i] < k_buf.size(1), "DecodeModel.step: block id out of range");
       max_len = std::max(max_len, pos[m] + 1);
     }
     const int64_t G = Hq / Hkv, qkv_w = (Hq + 2 * Hkv) * D;
@@ -159,7 +166,7 @@ struct DecodeModel : torch::CustomClassHolder {
         Scratch scratch(G, D, D, max_len);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t m = task / Hkv, kh = task % Hkv;
-          attend_paged(K, V, tab + m * max_blocks, bs, pos[m] + 1, kh, &qkv[m * qkv_w], D, G, D, D, scale, nullptr,
+          attend_paged(K, V, tables.data() + starts[m], bs, pos[m] + 1, kh, &qkv[m * qkv_w], D, G, D, D, scale, nullptr,
                        nullptr, group, scratch, &att[m * Hq * D + kh * G * D]);
         }
       });
@@ -175,7 +182,7 @@ struct DecodeModel : torch::CustomClassHolder {
     }
     rms_norm(x.data(), norms[2 * L].data_ptr<float>(), eps, S, dim, h.data());
     at::Tensor logits = at::empty({S, vocab}, embed.options());
-    at::Tensor argmax = at::empty({S}, tokens.options());
+    at::Tensor argmax = at::empty({S}, embed.options().dtype(at::kLong));
     float* lp = logits.data_ptr<float>();
     weights[4 * L].apply(h.data(), S, lp, vocab, false);
     for (int64_t m = 0; m < S; ++m)  // the first maximum, as torch.argmax
