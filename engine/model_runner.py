@@ -76,7 +76,6 @@ class ModelRunner:
             query_lens.append(n - start)
         return StepInputs(is_prefill, ids, positions, slots, tables, context_lens, query_lens)
 
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [len(seqs), vocab] (float32) for the next token of each sequence, and their argmax
         when the step computed it (the C++ step does, and the compiled decode step does, inside its graph, right after the
@@ -84,11 +83,18 @@ class ModelRunner:
         takes 200-250 us in the decode loop), else None."""
         step = self.step_inputs(seqs, is_prefill)
         if not is_prefill and self.cpp_step is not None:
+            # One C++ call that records no autograd: entering inference mode (a few Python frames,
+            # ~25 us right after the step has streamed the weights through the caches) buys nothing.
             return self.cpp_step(step)
+        return self._forward(step)
+
+    @torch.inference_mode()
+    def _forward(self, step: StepInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """run() through the PyTorch forward."""
         self.cache.begin(step)
         idx = long_tensor(step.token_ids, self.device).unsqueeze(0)
         pos = long_tensor(step.positions, self.device).unsqueeze(0)
-        if is_prefill:
+        if step.is_prefill:
             last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1  # each sequence's last token
             return self._logits(idx, pos, last), None
         if not self.cache.hold_back:  # the backend wrote the new K/V layer by layer
