@@ -32,11 +32,12 @@ class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache, compile: bool = False, column_major: bool = False,
                  cpp_decode: bool = False):
         """cpp_decode=True decodes through the C++ step where it applies (cpu_speed.CppDecodeStep; not
-        with compile). column_major=True otherwise decodes with a copy of the model whose linear
-        weights are stored column-major (cpu_speed.py: faster small-batch GEMMs on CPU; the model
-        passed in is unchanged)."""
+        with compile), which packs its own copy of the weights. column_major=True runs everything else
+        (prefill; decoding without the C++ step) with a copy of the model whose linear weights are
+        stored column-major (cpu_speed.py: faster small-batch GEMMs on CPU, e.g. a 32-token prompt;
+        the model passed in is unchanged)."""
         self.cpp_step = CppDecodeStep.for_model(model, cache) if cpp_decode and not compile else None
-        self.model = column_major_copy(model) if column_major and self.cpp_step is None else model
+        self.model = column_major_copy(model) if column_major else model
         self.cache = cache
         self.block_size = cache.block_size
         self.device = cache.device
