@@ -36,24 +36,27 @@ namespace {
 
 using namespace small_llm;
 
-// y (+)= x @ w^T (* scale): w fp32, or int8 with scale [N], packed once here (linear.h's pack: each
-// thread then streams one contiguous run of memory instead of NB interleaved rows; measured side by
-// side at batch 1 on the README's shape, under load: fp32 decode 284 -> 458 tokens/s).
+// y (+)= x @ w^T (* scale): w fp32, or int8 with scale [N]. fp32 weights are packed once here (linear.h's
+// pack: each thread then streams one contiguous run of memory instead of NB interleaved rows; measured
+// side by side at batch 1 on the README's shape: fp32 decode +17-38% in the step). int8 weights stay the
+// model's own [N, K]: a quarter of the bytes, the loop is bound by converting them rather than by
+// reading them, and packed they measured ~20% slower.
 struct Weight {
-  at::Tensor w, scale;  // w: the packed copy of the model's [N, K] weight
+  at::Tensor w, scale;  // w: fp32 packed (a copy), int8 row-major (the model's own)
   int64_t N, K;
   Weight(const at::Tensor& rows, const at::Tensor& scale) : scale(scale), N(rows.size(0)), K(rows.size(1)) {
-    w = at::empty({packed_size(N, K)}, rows.options());
-    if (rows.scalar_type() == at::kChar)
-      pack(rows.data_ptr<int8_t>(), N, K, w.data_ptr<int8_t>());
-    else
+    if (rows.scalar_type() == at::kChar) {
+      w = rows;
+    } else {
+      w = at::empty({packed_size(N, K)}, rows.options());
       pack(rows.data_ptr<float>(), N, K, w.data_ptr<float>());
+    }
   }
   void apply(const float* x, int64_t M, float* y, int64_t ldy, bool accumulate) const {
     if (w.scalar_type() == at::kChar)
-      linear(x, K, M, w.data_ptr<int8_t>(), K, N, Layout::packed(K), Out{y, ldy, scale.data_ptr<float>(), accumulate});
+      linear(x, K, M, w.data_ptr<int8_t>(), N, RowMajor{K}, Out{y, ldy, scale.data_ptr<float>(), accumulate});
     else
-      linear(x, K, M, w.data_ptr<float>(), K, N, Layout::packed(K), Out{y, ldy, nullptr, accumulate});
+      linear(x, K, M, w.data_ptr<float>(), N, PackedTiles{K}, Out{y, ldy, nullptr, accumulate});
   }
 };
 

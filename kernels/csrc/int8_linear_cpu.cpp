@@ -28,8 +28,8 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& weight, const a
   std::vector<int64_t> out_shape = x_in.sizes().vec();
   out_shape.back() = N;
   at::Tensor out = at::empty({x.size(0), N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  small_llm::linear(x.data_ptr<float>(), x.stride(0), x.size(0), weight.data_ptr<int8_t>(), K, N,
-                    small_llm::Layout::rows(K),
+  small_llm::linear(x.data_ptr<float>(), x.stride(0), x.size(0), weight.data_ptr<int8_t>(), N,
+                    small_llm::RowMajor{K},
                     small_llm::Out{out.data_ptr<float>(), N, sc.data_ptr<float>(), false});
   return out.view(out_shape);
 }
