@@ -50,7 +50,7 @@ def long_tensor(values: list[int], device: torch.device) -> torch.Tensor:
 class CppDecodeStep:
     """A decode step through the C++ kernel: tokens, positions, slots and block tables in, (logits
     [S, vocab], argmax [S]) out, the new K/V written into the cache. The kernel packs its own copy of
-    the model's linear weights (fp32, or int8 from engine/quantize.py) for streaming."""
+    the model's fp32 linear weights for streaming; int8 weights (engine/quantize.py) it reads in place."""
 
     def __init__(self, model: torch.nn.Module, cache):
         from kernels.decode_step_cpu import decode_model

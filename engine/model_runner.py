@@ -32,7 +32,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache, compile: bool = False, column_major: bool = False,
                  cpp_decode: bool = False):
         """cpp_decode=True decodes through the C++ step where it applies (cpu_speed.CppDecodeStep; not
-        with compile), which packs its own copy of the weights. column_major=True runs everything else
+        with compile), which packs its own copy of the fp32 weights. column_major=True runs everything else
         (prefill; decoding without the C++ step) with a copy of the model whose linear weights are
         stored column-major (cpu_speed.py: faster small-batch GEMMs on CPU, e.g. a 32-token prompt;
         the model passed in is unchanged)."""

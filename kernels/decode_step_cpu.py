@@ -7,9 +7,9 @@
 `decode_model` takes the model's tensors once: the token embedding, the RoPE tables and the norms
 (attn_norm and ffn_norm of each layer, then the final norm) by reference, and the linear weights [N, K]
 (wqkv, wo, w13, w2 of each layer, then the LM head), each fp32 with an empty scale or int8 with its
-per-channel scales, as a copy packed for streaming (csrc/linear.h: tiles of 4 output channels
-interleaved vector by vector, so each thread reads one contiguous run; it costs one more copy of the
-linear weights). `step` runs one token per sequence through every layer over the paged cache
+per-channel scales. fp32 weights are copied once into a layout packed for streaming (csrc/linear.h:
+tiles of 4 output channels interleaved vector by vector, so each thread reads one contiguous run);
+int8 weights are used in place. `step` runs one token per sequence through every layer over the paged cache
 (engine/kv_cache.py's buffers, which it writes at the slots) and returns logits [S, vocab] and their
 argmax [S]. Its inputs are plain int lists: tokens, positions and slots (one per sequence; slot -1:
 already cached) and the sequences' block tables one after another, sequence i's from starts[i].
