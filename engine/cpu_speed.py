@@ -49,8 +49,8 @@ def long_tensor(values: list[int], device: torch.device) -> torch.Tensor:
 
 class CppDecodeStep:
     """A decode step through the C++ kernel: tokens, positions, slots and block tables in, (logits
-    [S, vocab], argmax [S]) out, the new K/V written into the cache. It reads the model's own weights
-    (row-major fp32, or int8 from engine/quantize.py), so the runner keeps no column-major copy."""
+    [S, vocab], argmax [S]) out, the new K/V written into the cache. The kernel packs its own copy of
+    the model's fp32 linear weights for streaming; int8 weights (engine/quantize.py) it reads in place."""
 
     def __init__(self, model: torch.nn.Module, cache):
         from kernels.decode_step_cpu import decode_model
@@ -100,6 +100,9 @@ class CppDecodeStep:
         return cls(model, cache)
 
     def __call__(self, step) -> tuple[torch.Tensor, torch.Tensor]:
-        dev, c = self.cache.device, self.cache
-        return self.model.step(long_tensor(step.token_ids, dev), long_tensor(step.positions, dev),
-                               long_tensor(step.slot_mapping, dev), c.block_tables(step), c.k_buf, c.v_buf)
+        tables, starts = [], []
+        for t in step.block_tables:  # one flat list: sequence i's table starts at starts[i]
+            starts.append(len(tables))
+            tables += t
+        return self.model.step(step.token_ids, step.positions, step.slot_mapping, tables, starts, self.cache.k_buf,
+                               self.cache.v_buf)

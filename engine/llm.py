@@ -100,8 +100,9 @@ class LLM:
                  cpp_decode: bool = True):
         """ckpt: a run folder, its checkpoints/ folder or one checkpoint folder; or pass `model` (and
         optionally `tokenizer`, `eos_token_id`) directly: the LLM then uses that module for inference
-        (in eval mode; on CPU the cached path decodes with a copy, taken here, whose linear weights
-        are stored column-major, see engine/cpu_speed.py: make a new LLM after changing the weights).
+        (in eval mode; on CPU the cached path runs a copy, taken here, whose linear weights are stored
+        column-major, and the C++ decode step packs another, see engine/cpu_speed.py: make a new LLM
+        after changing the weights).
 
         num_blocks is the KV budget in blocks; None sizes it to hold max_num_seqs full-context
         sequences, capped by kv_cache_memory bytes (default: 30% of the free memory on the device).
@@ -170,7 +171,7 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.cache, compile=compile, column_major=self.device.type == "cpu",
                                   cpp_decode=cpp_decode)
-        self.model = self.runner.model  # on CPU without the C++ step a copy with column-major linear weights
+        self.model = self.runner.model  # on CPU a copy with column-major linear weights
         self.core = EngineCore(self.runner, self.cache, self.block_manager, max_seq_len=self.cfg.max_seq_len,
                                vocab_size=self.cfg.vocab_size, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=self.max_num_batched_tokens, eos_token_id=eos_token_id,

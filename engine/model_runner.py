@@ -35,11 +35,12 @@ class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache, compile: bool = False, column_major: bool = False,
                  cpp_decode: bool = False):
         """cpp_decode=True decodes through the C++ step where it applies (cpu_speed.CppDecodeStep; not
-        with compile). column_major=True otherwise decodes with a copy of the model whose linear
-        weights are stored column-major (cpu_speed.py: faster small-batch GEMMs on CPU; the model
-        passed in is unchanged)."""
+        with compile), which packs its own copy of the fp32 weights. column_major=True runs everything else
+        (prefill; decoding without the C++ step) with a copy of the model whose linear weights are
+        stored column-major (cpu_speed.py: faster small-batch GEMMs on CPU, e.g. a 32-token prompt;
+        the model passed in is unchanged)."""
         self.cpp_step = CppDecodeStep.for_model(model, cache) if cpp_decode and not compile else None
-        self.model = column_major_copy(model) if column_major and self.cpp_step is None else model
+        self.model = column_major_copy(model) if column_major else model
         self.cache = cache
         self.block_size = cache.block_size
         self.device = cache.device
@@ -79,7 +80,6 @@ class ModelRunner:
             query_lens.append(n - start)
         return StepInputs(is_prefill, ids, positions, slots, tables, context_lens, query_lens)
 
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [len(seqs), vocab] (float32) for the next token of each sequence, and their argmax
         when the step computed it (the C++ step does, and the compiled decode step does, inside its graph, right after the
@@ -87,11 +87,18 @@ class ModelRunner:
         takes 200-250 us in the decode loop), else None."""
         step = self.step_inputs(seqs, is_prefill)
         if not is_prefill and self.cpp_step is not None:
+            # One C++ call that records no autograd: entering inference mode (a few Python frames,
+            # ~25 us right after the step has streamed the weights through the caches) buys nothing.
             return self.cpp_step(step)
+        return self._forward(seqs, step)
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[Sequence], step: StepInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """run() through the PyTorch forward."""
         self.cache.begin(step)
         idx = long_tensor(step.token_ids, self.device).unsqueeze(0)
         pos = long_tensor(step.positions, self.device).unsqueeze(0)
-        if is_prefill:
+        if step.is_prefill:
             return self._prefill_logits(seqs, idx, pos, step.query_lens), None
         if not self.cache.hold_back:  # the backend wrote the new K/V layer by layer
             return self._logits(idx, pos), None

@@ -106,7 +106,6 @@ def prompt_token_logprobs(logits: torch.Tensor, prompt: list[int], num_top: int)
 
 
 class Sampler:
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
                  generators: Seq[Optional[torch.Generator]], histories: Seq[list[int]],
                  argmax: Optional[torch.Tensor] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
@@ -122,23 +121,7 @@ class Sampler:
         tokens = argmax if argmax is not None and not rows else logits.argmax(-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
-            dev = logits.device
-            sub = logits[sampled] if len(sampled) < len(params) else logits
-            ps = [params[i] for i in sampled]
-            temp = torch.tensor([p.temperature for p in ps], device=dev)
-            top_k = torch.tensor([p.top_k for p in ps], device=dev)
-            top_p = torch.tensor([p.top_p for p in ps], device=dev)
-            min_p = torch.tensor([p.min_p for p in ps], device=dev)
-            x = sub / temp[:, None]
-            if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in ps):
-                x = filter_logits(x, top_k, top_p, min_p)
-            probs = x.softmax(-1)
-            u = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled]).to(dev)
-            drawn = sample_from_probs(probs, u)
-            if len(sampled) == len(params):
-                tokens = drawn
-            else:
-                tokens[torch.tensor(sampled, device=dev)] = drawn
+            tokens = self._draw(logits, tokens, params, generators, sampled)
         tokens = tokens.tolist()
         logprobs: list[Optional[TokenLogprobs]] = [None] * len(params)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -147,3 +130,29 @@ class Sampler:
             for i, lp in zip(want, found):
                 logprobs[i] = lp
         return tokens, logprobs
+
+    @torch.inference_mode()
+    def _draw(self, logits: torch.Tensor, tokens: torch.Tensor, params: Seq[SamplingParams],
+              generators: Seq[Optional[torch.Generator]], sampled: list[int]) -> torch.Tensor:
+        """tokens with the rows in `sampled` (temperature > 0) drawn. Only this part runs in inference
+        mode (it writes into `tokens`, which may be an inference tensor): the greedy path skips the
+        decorator, a few Python frames that cost ~25 us per decode step on CPU (measured in the engine at
+        batch 1, where the whole step is ~0.8 ms)."""
+        dev = logits.device
+        sub = logits[sampled] if len(sampled) < len(params) else logits
+        ps = [params[i] for i in sampled]
+        temp = torch.tensor([p.temperature for p in ps], device=dev)
+        top_k = torch.tensor([p.top_k for p in ps], device=dev)
+        top_p = torch.tensor([p.top_p for p in ps], device=dev)
+        min_p = torch.tensor([p.min_p for p in ps], device=dev)
+        x = sub / temp[:, None]
+        if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in ps):
+            x = filter_logits(x, top_k, top_p, min_p)
+        probs = x.softmax(-1)
+        u = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled]).to(dev)
+        drawn = sample_from_probs(probs, u)
+        if len(sampled) == len(params):
+            tokens = drawn
+        else:
+            tokens[torch.tensor(sampled, device=dev)] = drawn
+        return tokens

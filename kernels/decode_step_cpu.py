@@ -2,14 +2,18 @@
 (csrc/decode_step_cpu.cpp), built on first use.
 
     model = decode_model(embed, rope_cos, rope_sin, norms, weights, scales, n_heads, n_kv_heads, eps)
-    logits, argmax = model.step(tokens, positions, slots, block_tables, k_buf, v_buf)
+    logits, argmax = model.step(tokens, positions, slots, tables, starts, k_buf, v_buf)
 
-`decode_model` takes the model's tensors once (references, not copies): the token embedding, the RoPE
-tables, the norms (attn_norm and ffn_norm of each layer, then the final norm) and the linear weights
-[N, K] (wqkv, wo, w13, w2 of each layer, then the LM head), each fp32 with an empty scale or int8 with
-its per-channel scales. `step` runs one token per sequence through every layer over the paged cache
+`decode_model` takes the model's tensors once: the token embedding, the RoPE tables and the norms
+(attn_norm and ffn_norm of each layer, then the final norm) by reference, and the linear weights [N, K]
+(wqkv, wo, w13, w2 of each layer, then the LM head), each fp32 with an empty scale or int8 with its
+per-channel scales. fp32 weights are copied once into a layout packed for streaming (csrc/linear.h:
+tiles of 4 output channels interleaved vector by vector, so each thread reads one contiguous run);
+int8 weights are used in place. `step` runs one token per sequence through every layer over the paged cache
 (engine/kv_cache.py's buffers, which it writes at the slots) and returns logits [S, vocab] and their
-argmax [S]. engine/cpu_speed.py builds it from a Transformer and the runner calls it.
+argmax [S]. Its inputs are plain int lists: tokens, positions and slots (one per sequence; slot -1:
+already cached) and the sequences' block tables one after another, sequence i's from starts[i].
+engine/cpu_speed.py builds it from a Transformer and the runner calls it.
 
 Why: at batch 1 the eager step is ~250 small PyTorch ops whose dispatch costs more than their
 arithmetic, and MKL's GEMV at one row uses one core; here the step is one call and every matrix is

@@ -38,7 +38,8 @@ SHAPES = {"tiny": {}, "tails": dict(dim=72, ffn_dim=90, vocab_size=301), "tied":
 @pytest.mark.parametrize("attention", ["mha", "gqa", "mqa"])
 def test_fp32_matches_the_pytorch_step(attention, shape):
     model = tiny_model(attention, seed=1, **SHAPES[shape])
-    for batch in (prompts([9]), prompts([1, 4, 17, 30], seed=2)):  # batch 1, then 4 rows of mixed lengths
+    # batch 1, then 5 rows of mixed lengths: more than one register block of rows (linear.h's MB, 3 or 4)
+    for batch in (prompts([9]), prompts([1, 4, 17, 30, 6], seed=2)):
         ref = LLM(model=model, device="cpu", block_size=4, cpp_decode=False).generate(batch, GREEDY)
         llm = LLM(model=model, device="cpu", block_size=4)
         assert llm.runner.cpp_step is not None
@@ -50,7 +51,7 @@ def test_fp32_matches_the_pytorch_step(attention, shape):
 @pytest.mark.parametrize("attention,shape", [("gqa", "tails"), ("mqa", "tails"), ("gqa", "tied")])
 def test_int8_matches_full_recompute_of_the_dequantized_model(attention, shape):
     model = tiny_model(attention, seed=3, **SHAPES[shape])
-    for batch in (prompts([12], seed=4), prompts([3, 20, 8], seed=5)):
+    for batch in (prompts([12], seed=4), prompts([3, 20, 8, 5, 14], seed=5)):  # 5 rows: int8 tiles -> fp32 once
         ref = LLM(model=dequantized_copy(model), device="cpu", use_cache=False).generate(batch, GREEDY)
         llm = LLM(model=model, device="cpu", block_size=4, quantize="int8")
         assert llm.runner.cpp_step is not None

@@ -4,7 +4,7 @@
 // Why one call: at batch 1 the eager step is ~250 small PyTorch ops, and dispatching them costs more
 // than their arithmetic (d=256: ~3 of ~5 ms); MKL's GEMV at one row also leaves the second core idle.
 // Here the same arithmetic runs as plain loops over the weights (linear.h, parallel over output
-// channels) and the paged cache (attention.h), the per-step cost is one operator call.
+// channels) and the paged cache (attention.h), the per-step cost is one call.
 //
 // Per layer, for the S rows at once (the model/llama.py forward, op for op):
 //   h = RMSNorm(x) * attn_norm;  qkv = h @ Wqkv^T;  RoPE on q and k (rotated halves, rope.py)
@@ -14,7 +14,8 @@
 // (engine/quantize.py). The cache layout is kv_cache.py's: [layers, blocks, kv heads, block size, D].
 //
 // Registered as the TorchScript class torch.classes.small_llm.DecodeModel: built once from the model's
-// tensors (it keeps references, not copies), then `step` is called once per decode step.
+// tensors (references to the embedding, norms and RoPE tables; a packed copy of each linear weight, see
+// Weight), then `step` is called once per decode step.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -35,16 +36,27 @@ namespace {
 
 using namespace small_llm;
 
-// y (+)= x @ w^T (* scale): w fp32 [N, K], or int8 [N, K] with scale [N].
+// y (+)= x @ w^T (* scale): w fp32, or int8 with scale [N]. fp32 weights are packed once here (linear.h's
+// pack: each thread then streams one contiguous run of memory instead of NB interleaved rows; measured
+// side by side at batch 1 on the README's shape: fp32 decode +17-38% in the step). int8 weights stay the
+// model's own [N, K]: a quarter of the bytes, the loop is bound by converting them rather than by
+// reading them, and packed they measured ~20% slower.
 struct Weight {
-  at::Tensor w, scale;
-  int64_t N() const { return w.size(0); }
-  int64_t K() const { return w.size(1); }
+  at::Tensor w, scale;  // w: fp32 packed (a copy), int8 row-major (the model's own)
+  int64_t N, K;
+  Weight(const at::Tensor& rows, const at::Tensor& scale) : scale(scale), N(rows.size(0)), K(rows.size(1)) {
+    if (rows.scalar_type() == at::kChar) {
+      w = rows;
+    } else {
+      w = at::empty({packed_size(N, K)}, rows.options());
+      pack(rows.data_ptr<float>(), N, K, w.data_ptr<float>());
+    }
+  }
   void apply(const float* x, int64_t M, float* y, int64_t ldy, bool accumulate) const {
     if (w.scalar_type() == at::kChar)
-      linear(x, K(), M, w.data_ptr<int8_t>(), K(), N(), Out{y, ldy, scale.data_ptr<float>(), accumulate});
+      linear(x, K, M, w.data_ptr<int8_t>(), N, RowMajor{K}, Out{y, ldy, scale.data_ptr<float>(), accumulate});
     else
-      linear(x, K(), M, w.data_ptr<float>(), K(), N(), Out{y, ldy, nullptr, accumulate});
+      linear(x, K, M, w.data_ptr<float>(), N, PackedTiles{K}, Out{y, ldy, nullptr, accumulate});
   }
 };
 
@@ -97,27 +109,34 @@ struct DecodeModel : torch::CustomClassHolder {
       TORCH_CHECK(ws[i].dim() == 2 && ws[i].is_contiguous() && (int8 || ws[i].scalar_type() == at::kFloat) &&
                       (int8 ? scales[i].numel() == ws[i].size(0) : scales[i].numel() == 0),
                   "DecodeModel: each weight contiguous float32, or int8 with one scale per output channel");
-      weights.push_back(Weight{ws[i], scales[i].contiguous()});
+      weights.emplace_back(ws[i], scales[i].contiguous());
     }
     for (const auto& n : norms) TORCH_CHECK(n.is_contiguous() && n.numel() == dim, "DecodeModel: norms of dim values");
   }
 
-  // tokens, positions, slots [S] int64 (slot = block * block_size + offset of the new token's K/V),
-  // block_tables [S, max_blocks] int64; k_buf, v_buf the cache (written at the slots).
-  std::tuple<at::Tensor, at::Tensor> step(at::Tensor tokens, at::Tensor positions, at::Tensor slots,
-                                          at::Tensor block_tables, at::Tensor k_buf, at::Tensor v_buf) {
-    const int64_t S = tokens.numel(), max_blocks = block_tables.size(1), bs = k_buf.size(3);
+  // tokens, positions, slots: one each per sequence (slot = block * block_size + offset of the new
+  // token's K/V, -1: already cached); tables: the sequences' block tables one after another, sequence m's
+  // from starts[m]. Plain int lists, not tensors: at batch 1, building four small tensors in Python cost
+  // more than this call's arithmetic on the norms. k_buf, v_buf: the cache (written at the slots).
+  std::tuple<at::Tensor, at::Tensor> step(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                                          const std::vector<int64_t>& slots, const std::vector<int64_t>& tables,
+                                          const std::vector<int64_t>& starts, at::Tensor k_buf, at::Tensor v_buf) {
+    const int64_t S = tokens.size(), bs = k_buf.size(3);
     TORCH_CHECK(k_buf.is_contiguous() && v_buf.is_contiguous() && k_buf.scalar_type() == at::kFloat &&
                     k_buf.dim() == 5 && k_buf.size(0) == L && k_buf.size(2) == Hkv && k_buf.size(4) == D &&
                     v_buf.sizes() == k_buf.sizes(),
                 "DecodeModel.step: float32 contiguous caches [layers, blocks, kv heads, block size, head dim]");
-    const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(),
-                  *slot = slots.data_ptr<int64_t>(), *tab = block_tables.data_ptr<int64_t>();
+    TORCH_CHECK(positions.size() == tokens.size() && slots.size() == tokens.size() && starts.size() == tokens.size(),
+                "DecodeModel.step: one position, slot and table start per token");
+    const int64_t *tok = tokens.data(), *pos = positions.data(), *slot = slots.data();
     int64_t max_len = 0;
     for (int64_t m = 0; m < S; ++m) {
-      TORCH_CHECK(tok[m] >= 0 && tok[m] < embed.size(0) && pos[m] >= 0 && pos[m] < cos.size(0) &&
-                      pos[m] < max_blocks * bs,
-                  "DecodeModel.step: token or position out of range");
+      const int64_t table_end = m + 1 < S ? starts[m + 1] : static_cast<int64_t>(tables.size());
+      TORCH_CHECK(tok[m] >= 0 && tok[m] < embed.size(0) && pos[m] >= 0 && pos[m] < cos.size(0) && starts[m] >= 0 &&
+                      pos[m] < (table_end - starts[m]) * bs && table_end <= static_cast<int64_t>(tables.size()),
+                  "DecodeModel.step: token, position or block table out of range");
+      for (int64_t i = starts[m]; i < table_end; ++i)
+        TORCH_CHECK(tables[i] >= 0 && tables[i] < k_buf.size(1), "DecodeModel.step: block id out of range");
       max_len = std::max(max_len, pos[m] + 1);
     }
     const int64_t G = Hq / Hkv, qkv_w = (Hq + 2 * Hkv) * D;
@@ -149,7 +168,7 @@ struct DecodeModel : torch::CustomClassHolder {
         Scratch scratch(G, D, D, max_len);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t m = task / Hkv, kh = task % Hkv;
-          attend_paged(K, V, tab + m * max_blocks, bs, pos[m] + 1, kh, &qkv[m * qkv_w], D, G, D, D, scale, nullptr,
+          attend_paged(K, V, tables.data() + starts[m], bs, pos[m] + 1, kh, &qkv[m * qkv_w], D, G, D, D, scale, nullptr,
                        nullptr, group, scratch, &att[m * Hq * D + kh * G * D]);
         }
       });
@@ -165,7 +184,7 @@ struct DecodeModel : torch::CustomClassHolder {
     }
     rms_norm(x.data(), norms[2 * L].data_ptr<float>(), eps, S, dim, h.data());
     at::Tensor logits = at::empty({S, vocab}, embed.options());
-    at::Tensor argmax = at::empty({S}, tokens.options());
+    at::Tensor argmax = at::empty({S}, embed.options().dtype(at::kLong));
     float* lp = logits.data_ptr<float>();
     weights[4 * L].apply(h.data(), S, lp, vocab, false);
     for (int64_t m = 0; m < S; ++m)  // the first maximum, as torch.argmax

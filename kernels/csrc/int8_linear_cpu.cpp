@@ -1,8 +1,9 @@
 // int8 weight-only linear on CPU for decoding: y[M, N] = (x[M, K] @ Wq[N, K]^T) * scale[N].
 //
 // x is fp32 (any row stride, unit last-dim stride), Wq int8 [N, K] contiguous, scale fp32 [N] (one per
-// output channel). The loops are linear.h's (shared with the whole decode step, decode_step_cpu.cpp):
-// each tile of weight rows is read once for all rows of x, int8 reads a quarter of fp32's bytes.
+// output channel). The loops are linear.h's (shared with the whole decode step, decode_step_cpu.cpp),
+// on the row-major weight as the model holds it: each tile of weight rows is read once for all rows of
+// x, int8 reads a quarter of fp32's bytes.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,7 +28,8 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& weight, const a
   std::vector<int64_t> out_shape = x_in.sizes().vec();
   out_shape.back() = N;
   at::Tensor out = at::empty({x.size(0), N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  small_llm::linear(x.data_ptr<float>(), x.stride(0), x.size(0), weight.data_ptr<int8_t>(), K, N,
+  small_llm::linear(x.data_ptr<float>(), x.stride(0), x.size(0), weight.data_ptr<int8_t>(), N,
+                    small_llm::RowMajor{K},
                     small_llm::Out{out.data_ptr<float>(), N, sc.data_ptr<float>(), false});
   return out.view(out_shape);
 }
