@@ -5,6 +5,7 @@
     python -m scripts.bench_train --attention mla --variants muon compiled
     python -m scripts.bench_train --variants muon adamw  # the cost of the default Muon's step against AdamW's
     python -m scripts.bench_train --peak-tflops 0.15    # MFU against a peak you know better than the estimate
+    python -m scripts.bench_train --variants adamw --rounds 1 --profile   # where a step's time goes
     python -m scripts.bench_train --busy                # next to a process spinning on one core, thread governor on
     python -m scripts.bench_train --busy --fixed-threads  # ... threads fixed (train.py's default)
 
@@ -95,6 +96,8 @@ def main():
                    "ours under the thread governor (train.adaptive_threads=true)")
     p.add_argument("--fixed-threads", action="store_true",
                    help="with --busy: keep the thread count fixed, as train.py does by default")
+    p.add_argument("--profile", action="store_true", help="then profile one step of each variant (torch.profiler): "
+                   "where the time goes, op by op")
     args = p.parse_args()
     if args.fixed_threads and not args.busy:
         p.error("--fixed-threads goes with --busy (without it, the threads are fixed already)")
@@ -144,6 +147,14 @@ def main():
         ratio = " ".join(f"{r / h:.2f}" for r, h in zip(rates, tok_s["hf"])) if "hf" in tok_s else "-"
         print(f"{name:10s} {statistics.median(rates):8.0f}  ({' '.join(f'{r:.0f}' for r in rates):>32s}) "
               f"{mfu} {ratio:>30s}")
+    if args.profile:
+        from torch.profiler import profile
+
+        for name, step in steps.items():
+            with profile() as prof:
+                step()
+            print(f"\n{name}: one step, ops by their own CPU time\n"
+                  + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":
