@@ -91,6 +91,7 @@ def test_seeds_per_request_batch_invariant_and_printed(run_dir):
     assert "(default: 128)" in help_text and "drawn at random and printed" in help_text
 
 
+@pytest.mark.slow  # one process per bad command line: ~40 s
 def test_bad_input_gives_one_line_errors(run_dir, tmp_path):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()

@@ -205,6 +205,7 @@ def assert_one_line_error(proc, pattern):
     assert pattern in lines[0], lines[0]
 
 
+@pytest.mark.slow  # one train.py process per bad input: ~35 s
 def test_cli_bad_data_inputs(corpus, data_cache, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
