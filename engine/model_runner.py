@@ -82,9 +82,9 @@ class ModelRunner:
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [len(seqs), vocab] (float32) for the next token of each sequence, and their argmax
-        when the step computed it (the C++ step does, and the compiled decode step does, inside its graph, right after the
-        LM head: measured ~45 us at batch 16 where a separate torch.argmax, a scalar loop on CPU,
-        takes 200-250 us in the decode loop), else None."""
+        when the step computed it, else None. The C++ step does, and so does the compiled decode step,
+        inside its graph right after the LM head: measured ~45 us at batch 16, where a separate
+        torch.argmax, a scalar loop on CPU, takes 200-250 us in the decode loop."""
         step = self.step_inputs(seqs, is_prefill)
         if not is_prefill and self.cpp_step is not None:
             # One C++ call that records no autograd: entering inference mode (a few Python frames,

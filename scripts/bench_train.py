@@ -1,6 +1,6 @@
 """Training step time and MFU: ours against transformers' LlamaForCausalLM on the same shape.
 
-    python -m scripts.bench_train                       # the README shape, fp32: ours (muon, adamw, compiled), transformers
+    python -m scripts.bench_train                       # the README shape, fp32: muon, adamw, compiled, transformers
     python -m scripts.bench_train --variants muon hf --rounds 5
     python -m scripts.bench_train --attention mla --variants muon compiled
     python -m scripts.bench_train --variants muon adamw  # the cost of the default Muon's step against AdamW's
@@ -11,9 +11,10 @@
 
 A step is what train.py runs: forward, backward, gradient clipping, the optimizer step (ours: the
 trainer's optimizer from training/optim.py, Muon by default, AdamW fused; transformers: torch's fused
-AdamW with the same settings, which transformers' Trainer picks with torch >= 2.8, `adamw_torch_fused`). Each round times every
-variant in turn for --steps steps after --warmup, so a change of machine load hits all of them alike;
-the table gives each variant's median over the rounds, and its ratio to transformers in each round.
+AdamW with the same settings, which transformers' Trainer picks with torch >= 2.8, `adamw_torch_fused`).
+Each round times every variant in turn for --steps steps after --warmup, so a change of machine load
+hits all of them alike; the table gives each variant's median over the rounds, and its ratio to
+transformers in each round.
 MFU is tokens/s x FLOPs per token / the device's peak, both defined in training/metrics.py.
 --busy runs every round next to a process spinning on one core, our variants under the thread governor
 that train.adaptive_threads=true runs between steps (engine/threads.py) unless --fixed-threads.

@@ -4,7 +4,8 @@
 // layouts (Layout below): row-major [N, K], as the model stores it, or packed once at load (pack()):
 // tiles of NB output channels whose values are interleaved vector by vector, so that the tiles a
 // thread owns are one contiguous stream of memory (the decode step packs its fp32 weights; int8
-// weights, converted vector by vector and so less bound by memory, are read as the model's own [N, K]). At decode sizes (M = 1..64 rows) the cost is reading the weights, so each tile of
+// weights, converted vector by vector and so less bound by memory, are read as the model's own
+// [N, K]). At decode sizes (M = 1..64 rows) the cost is reading the weights, so each tile of
 // NB weight rows is read from memory once and used for all M rows while it sits in L1. int8 -> fp32
 // conversion is exact (|q| <= 127), products and sums are fp32, and the scale is applied once per
 // output, after the dot product. Parallel over tiles of output channels (at::parallel_for): unlike
