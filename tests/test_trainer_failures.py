@@ -344,12 +344,12 @@ def test_resume_from_a_checkpoint_path_and_notes_on_changes(corpus, data_cache, 
                                                                            "train.adaptive_threads=true"]))
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1
-    assert "train.lr: 0.002 -> 0.001: the run is no longer the exact continuation" in notes[0]
+    assert "train.lr: 0.004 -> 0.001: the run is no longer the exact continuation" in notes[0]
     assert "train.adaptive_threads=true: the thread count follows the machine's load" in notes[0]
     # The LR by hand: cosine after 2 warmup steps, to 10% of the peak at max_steps (6 before, 8 now).
     cosine = lambda step, n, lr: lr * 0.1 + 0.5 * (lr - lr * 0.1) * (1 + math.cos(math.pi * (step - 2) / (n - 2)))  # noqa: E731
     assert f"train.max_steps 6 -> 8: the LR schedule now spans 8 steps (LR at step 6: " \
-           f"{cosine(6, 6, 2e-3):.3g} -> {cosine(6, 8, 1e-3):.3g})" in notes[0]
+           f"{cosine(6, 6, 4e-3):.3g} -> {cosine(6, 8, 1e-3):.3g})" in notes[0]
 
 
 def test_resume_of_a_checkpoint_from_before_the_optimizer_option_names_adamw():
