@@ -38,8 +38,8 @@ class TrainConfig:
     # and the head (training/optim.py); lower val loss in the same minutes (docs/recipe.md). train.parallel=fsdp
     # needs adamw
     optimizer: str = "muon"
-    # peak learning rate (Muon's too: its update is scaled to AdamW's RMS). 4e-3: the lowest val loss of
-    # 1e-3..8e-3 for make train's budget (docs/recipe.md)
+    # peak learning rate (Muon's too: its update is scaled to AdamW's RMS). 4e-3: in make train's budget,
+    # below 1e-3 and 2e-3 and level with 8e-3 (docs/recipe.md)
     lr: float = 4e-3
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
     warmup_steps: int = 50
