@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .attention import build_attention
 from .config import ModelConfig
+from .loss import linear_cross_entropy
 from .rope import rope_tables
 
 
@@ -85,9 +86,9 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, idx, targets=None, positions=None, cache=None):
-        """Logits [B, T, vocab]; with targets also the mean cross-entropy loss (targets -1 ignored)."""
-        logits = self.lm_head(self.hidden_states(idx, positions, cache))
+        """(logits [B, T, vocab], None), or with targets (None, the mean cross-entropy, targets -1 ignored):
+        the loss never builds the whole logit matrix (model/loss.py)."""
+        h = self.hidden_states(idx, positions, cache)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+            return self.lm_head(h), None
+        return None, linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())

@@ -1,6 +1,8 @@
 """Training step time and MFU: ours against transformers' LlamaForCausalLM on the same shape.
 
-    python -m scripts.bench_train                       # the README shape, fp32: muon, adamw, compiled, transformers
+    python -m scripts.bench_train                       # the README shape, fp32: ours (Muon, AdamW, each compiled
+                                                        # too) against transformers
+    python -m scripts.bench_train --variants adamw logits-adamw hf   # what the chunked loss (model/loss.py) is worth
     python -m scripts.bench_train --variants muon hf --rounds 5
     python -m scripts.bench_train --attention mla --variants muon compiled
     python -m scripts.bench_train --variants muon adamw  # the cost of the default Muon's step against AdamW's
@@ -25,6 +27,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from engine.threads import ThreadGovernor
 from model import ModelConfig, Transformer
@@ -33,7 +36,10 @@ from training.config import TrainConfig
 from training.metrics import flops_per_token, peak_flops
 from training.optim import build_optimizer
 
-VARIANTS = ("muon", "adamw", "compiled", "hf")
+# Ours: (optimizer, train.compile, the loss taken on the whole logits as before model/loss.py); hf: transformers.
+VARIANTS = {"muon": ("muon", False, False), "adamw": ("adamw", False, False), "compiled": ("muon", True, False),
+            "compiled-adamw": ("adamw", True, False), "logits-adamw": ("adamw", False, True), "hf": None}
+DEFAULT_VARIANTS = ["muon", "adamw", "compiled", "compiled-adamw", "hf"]
 
 
 def train_step(forward, params, optimizer, clip: float, governor=None):
@@ -48,14 +54,19 @@ def train_step(forward, params, optimizer, clip: float, governor=None):
     return step
 
 
-def ours(cfg: ModelConfig, x: torch.Tensor, compiled: bool, optimizer: str, governor=None):
+def ours(cfg: ModelConfig, x: torch.Tensor, optimizer: str, compiled: bool, logits_loss: bool, governor=None):
     torch.manual_seed(0)
     model = Transformer(cfg, backend="sdpa")
     fwd = torch.compile(model) if compiled else model
     tc = TrainConfig(optimizer=optimizer)
     params = list(model.parameters())
-    return train_step(lambda: fwd(x[:, :-1], x[:, 1:])[1], params, build_optimizer(model, tc, "cpu"), tc.grad_clip,
-                      governor)
+    if logits_loss:  # the whole [tokens, vocab] logits, then F.cross_entropy: transformers' way, ours before
+        def loss():
+            return F.cross_entropy(fwd(x[:, :-1])[0].flatten(0, 1), x[:, 1:].flatten())
+    else:
+        def loss():
+            return fwd(x[:, :-1], x[:, 1:])[1]
+    return train_step(loss, params, build_optimizer(model, tc, "cpu"), tc.grad_clip, governor)
 
 
 def transformers_llama(cfg: ModelConfig, x: torch.Tensor):
@@ -84,9 +95,10 @@ def main():
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
                    help="muon: ours as train.py runs it by default; adamw: train.optimizer=adamw; compiled: "
-                   "train.compile=true (with Muon); hf: transformers")
+                   "train.compile=true (with Muon); compiled-adamw: both; logits-adamw: adamw with the loss on "
+                   "the whole logits (as before model/loss.py); hf: transformers")
     p.add_argument("--rounds", type=int, default=3, help="rounds of alternated timings")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the first round "
@@ -126,10 +138,7 @@ def main():
     steps = {}
     for name in args.variants:
         t = time.perf_counter()
-        if name == "hf":
-            steps[name] = transformers_llama(cfg, x)
-        else:
-            steps[name] = ours(cfg, x, name == "compiled", "adamw" if name == "adamw" else "muon", governor)
+        steps[name] = transformers_llama(cfg, x) if name == "hf" else ours(cfg, x, *VARIANTS[name], governor)
         for _ in range(args.warmup):
             steps[name]()
         print(f"{name}: built and warmed up in {time.perf_counter() - t:.1f} s")
@@ -142,12 +151,17 @@ def main():
             tok_s[name].append(tokens * args.steps / (time.perf_counter() - t))
             torch.set_num_threads(threads)  # the next variant starts from the same count
 
-    print(f"{'':10s} {'tokens/s (median, each round)':>44s} {'MFU':>7s} {'x transformers (each round)':>30s}")
+    # The machine's speed drifts between rounds (other virtual machines on the host): the ratio within a
+    # round, where the variants ran back to back, is the steadier figure, and its median is the summary.
+    print(f"{'':14s} {'tokens/s (median, each round)':>44s} {'MFU':>7s}  x transformers: median (each round)")
     for name, rates in tok_s.items():
         mfu = f"{statistics.median(rates) * fpt / peak:7.1%}" if peak else f"{'-':>7s}"
-        ratio = " ".join(f"{r / h:.2f}" for r, h in zip(rates, tok_s["hf"])) if "hf" in tok_s else "-"
-        print(f"{name:10s} {statistics.median(rates):8.0f}  ({' '.join(f'{r:.0f}' for r in rates):>32s}) "
-              f"{mfu} {ratio:>30s}")
+        ratio = "-"
+        if "hf" in tok_s:
+            ratios = [r / h for r, h in zip(rates, tok_s["hf"])]
+            ratio = f"{statistics.median(ratios):.2f} ({' '.join(f'{r:.2f}' for r in ratios)})"
+        print(f"{name:14s} {statistics.median(rates):8.0f}  ({' '.join(f'{r:.0f}' for r in rates):>32s}) "
+              f"{mfu}  {ratio}")
     if args.profile:
         from torch.profiler import profile
 

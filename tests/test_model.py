@@ -34,8 +34,10 @@ def build(variant: str, backend="sdpa", dtype=torch.float32, **kw) -> Transforme
 def test_shapes_and_loss(variant):
     m = build(variant)
     idx = torch.randint(0, 97, (3, 20))
-    logits, loss = m(idx, idx)
+    logits, _ = m(idx)
     assert logits.shape == (3, 20, 97)
+    assert m(idx, idx)[0] is None  # the loss path never builds the logits (model/loss.py)
+    loss = m(idx, idx)[1]
     # At init the logits are near zero, so the loss is near log(vocab).
     assert abs(loss.item() - math.log(97)) < 0.5
 

@@ -28,7 +28,7 @@ from model.attention import resolve_backend
 for attention in ("gqa", "mla"):
     model = tiny_model(attention).train()  # backend "auto": SDPA on CPU
     x = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
-    logits, loss = model(x, targets=x)
+    _, loss = model(x, targets=x)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
 
