@@ -226,6 +226,15 @@ def test_cli_bad_data_inputs(corpus, data_cache, tmp_path):
     assert not any((tmp_path / "o").iterdir())  # nothing was written (Hydra only created the folder)
 
 
+def test_compile_without_a_compiler_is_one_line_error(corpus, data_cache, tmp_path):
+    """train.compile=true where Inductor cannot compile (here: no C++ compiler, and an empty Inductor
+    cache, so nothing compiled earlier is loaded): one line naming both fixes, not a traceback."""
+    env = {**os.environ, "CXX": "no-such-compiler", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(corpus, data_cache, tmp_path / "run"),
+                           "train.compile=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, "install a C++ compiler (g++, or set CXX), or set train.compile=false")
+
+
 def test_cli_unknown_names_fail_clearly(tmp_path):
     for arg, pattern in [("attention=foo", "Could not find 'attention/foo'"), ("model=huge", "Could not find 'model/huge'"),
                          ("train.max_step=3", "Key 'max_step' not in 'TrainConfig'")]:

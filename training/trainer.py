@@ -85,6 +85,8 @@ class Trainer:
             # Inductor's FX-graph and AOTAutograd caches (on by default) turn the next run's compilation into
             # a load from disk: keep them beside the data cache, where `make clean` and .gitignore know them.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(".cache/torchinductor").resolve()))
+        # The compiled model runs the training steps only: evaluation would compile a second (no-grad) graph,
+        # 18 s on make train's model, for the few forward passes of each evaluation.
         self.fwd_model = torch.compile(self.model) if cfg.train.compile else self.model
         # train.adaptive_threads (CPU only: training/config.py refuses it on a GPU): see train_step.
         self.threads = ThreadGovernor() if cfg.train.adaptive_threads and self.device.type == "cpu" else None
@@ -181,7 +183,7 @@ class Trainer:
         for i, (xm, ym) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
             # DDP/FSDP: reduce gradients across ranks only on the last micro-batch.
             with gradient_sync(self.model, enabled=i == micro - 1), self.autocast():
-                _, loss = self.fwd_model(xm, ym)
+                loss = self.loss(xm, ym)
                 (loss / micro).backward()
             loss_sum += loss.detach()
         # The global gradient norm, clipped to grad_clip (inf: measured, not clipped). A NaN or inf here
@@ -195,6 +197,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
         return {"train_loss": train_loss, "grad_norm": grad_norm.item(), "lr": lr}
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The model's mean loss on a training (micro-)batch, through the compiled model if train.compile
+        made one: Inductor compiles on the first call, and where it cannot, the run stops in one line."""
+        try:
+            return self.fwd_model(x, y)[1]
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            reason = str(e.inner_exception).strip().splitlines()[0][:200]
+            raise TrainConfigError(f"train.compile=true, but Inductor cannot compile here ({reason}): install a "
+                                   "C++ compiler (g++, or set CXX), or set train.compile=false") from None
 
     def _stop_if_diverged(self, what: str, value: float) -> None:
         """A non-finite loss, gradient norm or val loss ends the run without saving: the last checkpoint is good."""
@@ -212,15 +224,15 @@ class Trainer:
         The mean is over the same windows whatever the number of processes: each rank scores its share
         of every batch's rows (shares may differ by one row) and the token-weighted sums are added."""
         cfg, info, step = self.cfg, self.info, self.progress.step
-        self.fwd_model.eval()
+        self.model.eval()
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for x, y in eval_batches(self.data.val, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches):
             count += y.numel()
             x, y = x.tensor_split(info.world_size)[info.rank], y.tensor_split(info.world_size)[info.rank]
             with self.autocast():
-                _, loss = self.fwd_model(x.to(self.device), y.to(self.device))
+                _, loss = self.model(x.to(self.device), y.to(self.device))
             total += loss.double() * y.numel()
-        self.fwd_model.train()
+        self.model.train()
         val_loss = (sum_across_ranks(total, info) / count).item()
         self._stop_if_diverged("val loss", val_loss)
         record = {"step": step, "tokens": step * self.tokens_per_step, "val_loss": val_loss,
@@ -273,9 +285,10 @@ class Trainer:
         info, cfg = self.info, self.cfg
         where = f" x {info.world_size} ({cfg.train.parallel})" if info.distributed else ""
         dtype, size = ("bfloat16", 2) if self.device.type == "cuda" else ("float32", 4)  # see self.autocast
+        compiled = " | torch.compile: the first step compiles" if self.fwd_model is not self.model else ""
         return (f"model: {cfg.model.attention}, {self.raw_model.num_params() / 1e6:.2f}M parameters, "
                 f"KV cache {self.model_cfg.kv_cache_bytes_per_token(size):,} bytes/token in {dtype} | "
-                f"device {self.device}{where} | "
+                f"device {self.device}{where}{compiled} | "
                 f"{self.data.meta['n_train_tokens']:,} train tokens | out_dir {self.out_dir}")
 
     def prompt_hint(self) -> str:
