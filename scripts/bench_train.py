@@ -35,6 +35,7 @@ from scripts.busy import spin_one_core
 from training.config import TrainConfig
 from training.metrics import flops_per_token, peak_flops
 from training.optim import build_optimizer
+from training.trainer import compile_for_training
 
 # Ours: (optimizer, train.compile, the loss taken on the whole logits as before model/loss.py); hf: transformers.
 VARIANTS = {"muon": ("muon", False, False), "adamw": ("adamw", False, False), "compiled": ("muon", True, False),
@@ -57,7 +58,7 @@ def train_step(forward, params, optimizer, clip: float, governor=None):
 def ours(cfg: ModelConfig, x: torch.Tensor, optimizer: str, compiled: bool, logits_loss: bool, governor=None):
     torch.manual_seed(0)
     model = Transformer(cfg, backend="sdpa")
-    fwd = torch.compile(model) if compiled else model
+    fwd = compile_for_training(model, torch.device("cpu")) if compiled else model
     tc = TrainConfig(optimizer=optimizer)
     params = list(model.parameters())
     if logits_loss:  # the whole [tokens, vocab] logits, then F.cross_entropy: transformers' way, ours before

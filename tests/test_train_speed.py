@@ -12,6 +12,7 @@ from model import ModelConfig, Transformer
 from training.config import TrainConfig
 from training.metrics import flops_per_token
 from training.optim import build_optimizer
+from training.trainer import compile_for_training
 
 
 def counted_flops_per_token(cfg: ModelConfig, batch: int = 2) -> float:
@@ -61,6 +62,35 @@ def test_trainer_adamw_matches_torch_for_loop_adamw():
         plain.step()
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # compiles a forward and backward graph (tens of seconds on 2 cores)
+def test_compiled_training_repeats_bitwise(monkeypatch, tmp_path):
+    """train.compile=true on CPU (compile_for_training): the same steps twice give bitwise the same weights.
+    Inductor's embedding backward adds token rows with atomics across threads; without deterministic mode
+    this failed. A small vocabulary makes many tokens share a row; two threads race for it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weights = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = Transformer(tiny_config("gqa", vocab_size=16, max_seq_len=64), backend="sdpa")
+            forward = compile_for_training(model, torch.device("cpu"))
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            g = torch.Generator().manual_seed(0)
+            for _ in range(3):
+                x = torch.randint(0, 16, (64, 65), generator=g)
+                forward(x[:, :-1], x[:, 1:])[1].backward()
+                opt.step()
+                opt.zero_grad()
+            weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    finally:  # the mode is process-wide: leave the other tests as they were
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    for name, w in weights[0].items():
+        assert torch.equal(w, weights[1][name]), name
 
 
 @pytest.mark.slow  # compiles a forward and backward graph (tens of seconds on 2 cores, less from Inductor's cache)

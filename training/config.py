@@ -59,11 +59,10 @@ class TrainConfig:
     overwrite: bool = False  # start a new run in an out_dir that holds one (deletes its checkpoints and metrics)
     # A checkpoint or run folder to start from: its weights, model config and tokenizer; fresh optimizer and step
     init_from: Optional[str] = None
-    # torch.compile the training step's model: Inductor fuses the norms, RoPE, SwiGLU and the residual adds
-    # (README, Performance: 1.19x the eager step on make train's model). Off by default: the first run's
-    # compilation (about 45 s there) costs what its 400 steps gain; later runs load it from
-    # .cache/torchinductor in seconds; and compiled runs are not bitwise repeatable (a cold and a warm run
-    # differed in the losses' last bits from step 100), which eager runs are.
+    # torch.compile the training step's model (training/trainer.py, compile_for_training): Inductor fuses the
+    # norms, RoPE, SwiGLU and the residual adds, about 1.2x the eager step on make train's model (README,
+    # Performance), bitwise repeatable on CPU. Off by default: a first run's compilation (about 45 s there) costs
+    # what its 400 steps gain; later runs load it from .cache/torchinductor in seconds.
     compile: bool = False
     # CPU: before each step, run torch on the cores other processes leave free (engine/threads.py, as
     # generation does by default; README, Performance). Off by default because results may depend on the

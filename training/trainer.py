@@ -35,6 +35,20 @@ from .run_dir import claim_out_dir, record_config
 from .sample import sample_text
 
 
+def compile_for_training(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """train.compile=true: the model through torch.compile (Inductor), bitwise repeatable on CPU."""
+    # Inductor's FX-graph and AOTAutograd caches (on by default) turn the next run's compilation into a load
+    # from disk: keep them beside the data cache, where `make clean` and .gitignore know them.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(".cache/torchinductor").resolve()))
+    if device.type == "cpu":
+        # Inductor's CPU code for the embedding's backward adds each token's gradient row with atomics, in
+        # whatever order the threads arrive: two runs of one command differed in the last bits after one step.
+        # In deterministic mode it keeps that scatter-add out of its parallel loops (and repeats bitwise).
+        # CPU only: on CUDA the mode also constrains cuBLAS, which would need its own set-up.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.compile(model)
+
+
 @dataclass
 class Progress:
     """Where the run is; saved in every checkpoint's trainer_state.pt and restored on resume."""
@@ -81,13 +95,9 @@ class Trainer:
         self.progress = Progress()
         if ckpt is not None:
             self._resume(ckpt)
-        if cfg.train.compile:
-            # Inductor's FX-graph and AOTAutograd caches (on by default) turn the next run's compilation into
-            # a load from disk: keep them beside the data cache, where `make clean` and .gitignore know them.
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(".cache/torchinductor").resolve()))
         # The compiled model runs the training steps only: evaluation would compile a second (no-grad) graph,
         # 18 s on make train's model, for the few forward passes of each evaluation.
-        self.fwd_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.fwd_model = compile_for_training(self.model, self.device) if cfg.train.compile else self.model
         # train.adaptive_threads (CPU only: training/config.py refuses it on a GPU): see train_step.
         self.threads = ThreadGovernor() if cfg.train.adaptive_threads and self.device.type == "cpu" else None
         # bf16 matmuls are slow on CPU: train in fp32 there.
