@@ -22,17 +22,19 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """Mean cross-entropy of the logits `h @ weight.T` ([N, dim] @ [vocab, dim]) against `targets` [N];
     targets of -1 are ignored, as in F.cross_entropy(..., ignore_index=-1)."""
     rows = max(64, CHUNK_LOGITS // weight.shape[0])
-    return _LinearCrossEntropy.apply(h, weight, targets, rows)
+    # Inside forward, needs_input_grad says True even under no_grad: pass the grad mode, so evaluation
+    # computes the loss alone.
+    return _LinearCrossEntropy.apply(h, weight, targets, rows, torch.is_grad_enabled())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, rows):
+    def forward(ctx, h, weight, targets, rows, grad_enabled):
         # Under autocast (bf16 on a GPU) run the matmuls in its dtype, as the lm_head Linear would, with
         # the softmax and the sums in fp32.
         dev = h.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        want_h, want_w = ctx.needs_input_grad[:2]
+        want_h, want_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
         with torch.autocast(dev, enabled=False):
             w = weight.to(dtype)
             valid = targets != -1
@@ -68,4 +70,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, count = ctx.saved_tensors
         scale = grad_out / count
         return (None if grad_h is None else grad_h * scale.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype), None, None)
+                None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype), None, None, None)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from builders import tiny_model
 from model import loss as loss_mod
@@ -35,11 +36,14 @@ def test_loss_and_gradients_match_float64_cross_entropy(monkeypatch, n, chunk_lo
 
 
 def test_without_gradients_it_only_computes_the_loss():
+    # Under no_grad (evaluation) the only matmul is the logits' one: 2 x N x dim x vocab FLOPs, not the
+    # backward's two more.
     g = torch.Generator().manual_seed(1)
     h, w = torch.randn(100, 16, generator=g), torch.randn(50, 16, generator=g)
     targets = torch.randint(0, 50, (100,), generator=g)
-    with torch.no_grad():
-        loss = linear_cross_entropy(h.requires_grad_(), w, targets)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loss = linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), targets)
+    assert counter.get_total_flops() == 2 * 100 * 16 * 50
     assert not loss.requires_grad
     assert loss.item() == pytest.approx(reference(h, w, targets)[0].item(), abs=1e-5)
 
