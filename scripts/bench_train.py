@@ -58,6 +58,8 @@ def train_step(forward, params, optimizer, clip: float, governor=None):
 def ours(cfg: ModelConfig, x: torch.Tensor, optimizer: str, compiled: bool, logits_loss: bool, governor=None):
     torch.manual_seed(0)
     model = Transformer(cfg, backend="sdpa")
+    # As train.py compiles: this also turns on torch's deterministic mode, process-wide, so every variant of a
+    # run that includes a compiled one (transformers too) steps in that mode.
     fwd = compile_for_training(model, torch.device("cpu")) if compiled else model
     tc = TrainConfig(optimizer=optimizer)
     params = list(model.parameters())
