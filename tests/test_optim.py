@@ -82,3 +82,21 @@ def test_float32_muon_matches_torchs_bfloat16_muon():
     # the quintic leaves singular values in about [0.7, 1.2]: compare the directions, not the values
     cos = lambda a, b: (a * b).sum() / (a.norm() * b.norm())  # noqa: E731
     assert cos(ours, u @ vt) > 0.95 and cos(ours, theirs) > 0.999
+
+
+@pytest.mark.parametrize("shape", [(48, 200), (200, 48), (64, 96), (64, 64)])  # Gram path, Gram path, the plain one
+def test_newton_schulz_is_the_quintic_iteration(shape):
+    """newton_schulz against the iteration itself in float64, X <- a X + (b A + c A^2) X with A = X X^T, on
+    the matrix as given (wide shapes take the Gram-matrix path, which reorders the products)."""
+    torch.manual_seed(0)
+    g = torch.randn(shape, dtype=torch.float64)
+    a, b, c = torch.optim.Muon([torch.nn.Parameter(g.float())]).param_groups[0]["ns_coefficients"]
+    x = g.T if shape[0] > shape[1] else g
+    x = x / x.norm()
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    ref = x.T if shape[0] > shape[1] else x
+    ours = newton_schulz(g.float(), (a, b, c), 5, 1e-7)
+    assert ours.dtype == torch.float32 and ours.shape == shape
+    torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import train
 import training.trainer as trainer
 from conftest import ROOT, compose_config, tiny_overrides
 from checkpoint import CheckpointError, load_checkpoint
-from model import ModelConfig
+from model import ModelConfig, Transformer
+from training.metrics import flops_per_token
 from test_train_speed import counted_flops_per_token
 
 
@@ -233,6 +235,41 @@ def test_compile_without_a_compiler_is_one_line_error(corpus, data_cache, tmp_pa
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(corpus, data_cache, tmp_path / "run"),
                            "train.compile=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert_one_line_error(proc, "install a C++ compiler (g++, or set CXX), or set train.compile=false")
+
+
+def test_compile_auto_compiles_long_cpu_runs_only():
+    """train.compile=auto (README, options): make train's command, about 7 minutes eager on this project's CPU
+    (peak 156.5 GFLOP/s), stays eager and ten times its steps compile; never on a GPU, under torchrun or with an
+    unknown peak; train.max_minutes bounds the run; true and false are obeyed."""
+    cfg = compose_config([])
+    model_cfg = ModelConfig(**{**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": cfg.data.vocab_size})
+    fpt = flops_per_token(Transformer(model_cfg), cfg.train.seq_len)
+
+    def compiles(*overrides, device="cpu", distributed=False, peak=156.5e9):
+        return trainer.compiles(compose_config(list(overrides)), torch.device(device), distributed, fpt, peak)
+
+    assert not compiles()
+    assert compiles("train.max_steps=4000")
+    assert not compiles("train.max_steps=4000", "train.max_minutes=5")
+    assert not compiles("train.max_steps=4000", device="cuda")
+    assert not compiles("train.max_steps=4000", distributed=True)
+    assert not compiles("train.max_steps=4000", peak=None)
+    assert compiles("train.compile=true") and not compiles("train.max_steps=4000", "train.compile=false")
+
+
+@pytest.mark.slow  # about 25 s: the compilation gets as far as the C++ compiler before it fails
+def test_compile_auto_without_a_compiler_trains_eagerly(corpus, data_cache, tmp_path):
+    """train.compile=auto (the default) where Inductor cannot compile: one warning, then the eager run, the
+    same losses as train.compile=false's, bitwise. (A peak of 1 MFLOP/s makes auto judge the tiny run long.)"""
+    env = {**os.environ, "CXX": "no-such-compiler", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    slow = "train.peak_tflops=0.000001"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(corpus, data_cache, tmp_path / "auto"),
+                           slow], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("UserWarning: train.compile=auto: Inductor cannot compile here") == 1, proc.stderr
+    assert "training eagerly" in proc.stderr and "Traceback" not in proc.stderr
+    train.run(compose_config(tiny_overrides(corpus, data_cache, tmp_path / "eager") + [slow, "train.compile=false"]))
+    assert train_losses(tmp_path / "auto") == train_losses(tmp_path / "eager")
 
 
 def test_cli_unknown_names_fail_clearly(tmp_path):

@@ -59,11 +59,12 @@ class TrainConfig:
     overwrite: bool = False  # start a new run in an out_dir that holds one (deletes its checkpoints and metrics)
     # A checkpoint or run folder to start from: its weights, model config and tokenizer; fresh optimizer and step
     init_from: Optional[str] = None
-    # torch.compile the training step's model (training/trainer.py, compile_for_training): Inductor fuses the
-    # norms, RoPE, SwiGLU and the residual adds, about 1.2x the eager step on make train's model (README,
-    # Performance), bitwise repeatable on CPU. Off by default: a first run's compilation (about 45 s there) costs
-    # what its 400 steps gain; later runs load it from .cache/torchinductor in seconds.
-    compile: bool = False
+    # torch.compile the training steps (training/trainer.py, compile_for_training): Inductor fuses the norms, RoPE,
+    # SwiGLU and the residual adds (README, Performance), bitwise repeatable on CPU, its compilation cached in
+    # .cache/torchinductor. auto: where it pays (trainer.compiles: on the CPU in one process, a run estimated at
+    # over 10 minutes; make train's is not), and eager with a warning where Inductor cannot compile; true:
+    # everywhere, an error where it cannot; false: eager.
+    compile: Any = "auto"
     # CPU: before each step, run torch on the cores other processes leave free (engine/threads.py, as
     # generation does by default; README, Performance). Off by default because results may depend on the
     # thread count (after two steps of the make-train model, 3 threads changed the weights' last bits where
@@ -137,6 +138,8 @@ def check_options(cfg) -> None:
         raise TrainConfigError(f"unknown train.schedule '{t.schedule}': choose cosine or wsd")
     if t.parallel not in PARALLEL_MODES:
         raise TrainConfigError(f"unknown train.parallel '{t.parallel}': choose one of {', '.join(PARALLEL_MODES)}")
+    if t.compile not in (True, False, "auto"):
+        raise TrainConfigError(f"train.compile={t.compile} must be true, false or auto")
     if t.optimizer not in OPTIMIZERS:
         raise TrainConfigError(f"unknown train.optimizer '{t.optimizer}': choose adamw or muon")
     # Muon orthogonalises each whole matrix; FSDP gives each rank a shard of it (a DTensor).

@@ -30,14 +30,27 @@ class Optimizers(tuple):
 
 def newton_schulz(grad: torch.Tensor, ns_coefficients: tuple, ns_steps: int, eps: float) -> torch.Tensor:
     """torch's Newton-Schulz orthogonalisation (torch.optim._muon._zeropower_via_newtonschulz: the same
-    quintic, coefficients and steps) in float32 instead of bfloat16."""
+    quintic, coefficients and steps) in float32 instead of bfloat16, and on the Gram matrix where that is
+    cheaper."""
     a, b, c = ns_coefficients
     x = grad.float()
-    x = x.T if grad.size(0) > grad.size(1) else x  # iterate on the smaller Gram matrix
+    x = x.T if grad.size(0) > grad.size(1) else x  # m x n with m <= n: iterate on the m x m Gram matrix
     x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    m, n = x.shape
+    # Each step is X <- (a I + b A + c A^2) X with A = X X^T: 4mn + 2m^2 multiply-adds per row of X. So X_k is
+    # Q_k X_0, Q_k a polynomial in G = X_0 X_0^T (symmetric, commuting with G), and the steps can run on Q
+    # alone: A = Q G Q, 8m^2 per row, with X_0 touched twice in all. Cheaper for wide matrices (n > 1.9 m at
+    # 5 steps), such as SwiGLU's: 1.9x fewer FLOPs for make train's gate-and-up matrix (192 x 1024).
+    if 4 * n + 8 * m * ns_steps < ns_steps * (4 * n + 2 * m):
+        g, q = x @ x.T, torch.eye(m, device=x.device)
+        for _ in range(ns_steps):
+            gram = q @ g @ q
+            q = torch.addmm(q, torch.addmm(gram, gram, gram, beta=b, alpha=c), q, beta=a)
+        x = q @ x
+    else:
+        for _ in range(ns_steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.T if grad.size(0) > grad.size(1) else x).to(grad.dtype)
 
 
