@@ -99,9 +99,11 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
-                   help="muon: ours as train.py runs it by default; adamw: train.optimizer=adamw; compiled: "
-                   "train.compile=true (with Muon); compiled-adamw: both; logits-adamw: adamw with the loss on "
-                   "the whole logits (as before model/loss.py); hf: transformers")
+                   help="muon: ours eager (the default optimizer; train.compile=auto keeps make train's short run "
+                   "eager); adamw: train.optimizer=adamw; compiled: train.compile=true with Muon (what auto runs for "
+                   "a run estimated at over 10 minutes, such as 400 steps at the README shape); compiled-adamw: "
+                   "both; logits-adamw: adamw with the loss on the whole logits (as before model/loss.py); hf: "
+                   "transformers")
     p.add_argument("--rounds", type=int, default=3, help="rounds of alternated timings")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the first round "
