@@ -228,6 +228,7 @@ def test_cli_bad_data_inputs(corpus, data_cache, tmp_path):
     assert not any((tmp_path / "o").iterdir())  # nothing was written (Hydra only created the folder)
 
 
+@pytest.mark.slow  # about 18 s, like its twin for auto below: make test is at its 10-minute budget
 def test_compile_without_a_compiler_is_one_line_error(corpus, data_cache, tmp_path):
     """train.compile=true where Inductor cannot compile (here: no C++ compiler, and an empty Inductor
     cache, so nothing compiled earlier is loaded): one line naming both fixes, not a traceback."""

@@ -37,7 +37,7 @@ def newton_schulz(grad: torch.Tensor, ns_coefficients: tuple, ns_steps: int, eps
     x = x.T if grad.size(0) > grad.size(1) else x  # m x n with m <= n: iterate on the m x m Gram matrix
     x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
     m, n = x.shape
-    # Each step is X <- (a I + b A + c A^2) X with A = X X^T: 4mn + 2m^2 multiply-adds per row of X. So X_k is
+    # Each step is X <- (a I + b A + c A^2) X with A = X X^T: 4mn + 2m^2 FLOPs per row of X. So X_k is
     # Q_k X_0, Q_k a polynomial in G = X_0 X_0^T (symmetric, commuting with G), and the steps can run on Q
     # alone: A = Q G Q, 8m^2 per row, with X_0 touched twice in all. Cheaper for wide matrices (n > 1.9 m at
     # 5 steps), such as SwiGLU's: 1.9x fewer FLOPs for make train's gate-and-up matrix (192 x 1024).
