@@ -132,6 +132,7 @@ def test_report_table_and_plots_match_the_runs(sweep, tmp_path, capsys):
         assert f"]({name})" in (out / "ablation.md").read_text()
 
 
+@pytest.mark.slow  # about 40 s of decoding: make test is at its 10-minute budget
 def test_report_decode_column(sweep, tmp_path):
     folder, _ = sweep
     res = ablation_report.report(folder, tmp_path / "r", decode=True, batch=16, new_tokens=6)
