@@ -12,11 +12,12 @@ import statistics
 import time
 
 import torch
+import torch.optim._muon as muon
 
 from model import ModelConfig, Transformer
 from training.optim import is_hidden_matrix, newton_schulz
 
-COEFFICIENTS, STEPS, EPS = (3.4445, -4.7750, 2.0315), 5, 1e-7  # torch.optim.Muon's defaults
+COEFFICIENTS, STEPS, EPS = (muon.DEFAULT_A, muon.DEFAULT_B, muon.DEFAULT_C), muon.DEFAULT_NS_STEPS, muon.EPS
 
 
 def plain(grad: torch.Tensor) -> torch.Tensor:
