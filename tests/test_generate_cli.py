@@ -67,6 +67,7 @@ def test_json_output_matches_the_api(run_dir, tmp_path):
         assert len({tuple(s["token_ids"]) for s in r["samples"]}) > 1
 
 
+@pytest.mark.slow  # five generate.py processes, about 18 s: make test is at its 10-minute budget
 def test_seeds_per_request_batch_invariant_and_printed(run_dir):
     """Identical prompts get different samples; a request's output depends on --seed and its position
     only (not on the other prompts); without --seed the drawn seed is printed and repeats the run."""

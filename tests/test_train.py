@@ -273,6 +273,7 @@ def test_compile_auto_without_a_compiler_trains_eagerly(corpus, data_cache, tmp_
     assert train_losses(tmp_path / "auto") == train_losses(tmp_path / "eager")
 
 
+@pytest.mark.slow  # three start-ups of train.py, about 25 s: make test is at its 10-minute budget
 def test_cli_unknown_names_fail_clearly(tmp_path):
     for arg, pattern in [("attention=foo", "Could not find 'attention/foo'"), ("model=huge", "Could not find 'model/huge'"),
                          ("train.max_step=3", "Key 'max_step' not in 'TrainConfig'")]:
