@@ -3,7 +3,8 @@
 
 CUDA tensors run compiled Triton kernels; CPU tensors run them in Triton's interpreter when
 TRITON_INTERPRET=1 is set (checked at call time, slow, for tests). The CPU kernels are C++,
-compiled on first use: paged attention (paged_attention_cpu.py), the int8 linear layer
+compiled on first use: training attention (causal_attention_cpu.py, forward and backward, on BLAS
+calls), paged attention (paged_attention_cpu.py), the int8 linear layer
 (int8_linear_cpu.py) and the whole decode step of an MHA/GQA/MQA model (decode_step_cpu.py); their
 loops live in csrc/linear.h and csrc/attention.h.
 

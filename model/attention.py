@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .rope import apply_rope
 
-BACKENDS = ("auto", "triton", "sdpa", "math")
+BACKENDS = ("auto", "triton", "cpu", "sdpa", "math")
 AUTO_TRITON_DEVICES = ("cuda",)  # where "auto" tries our Triton kernel (tests add "cpu": the interpreter)
 
 
@@ -39,10 +39,22 @@ def math_attention(q, k, v, scale: float) -> torch.Tensor:
 @torch.compiler.assume_constant_result  # torch.compile runs it once while tracing: no graph break
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that will run: "auto" is our Triton kernel on CUDA once it has passed its
-    self-check there (kernels/self_check.py), else SDPA. Raises ValueError with a one-line message
-    (callers may print it as is) for a backend that cannot run on `device`."""
+    self-check there (kernels/self_check.py), our C++ kernel on CPU (kernels/causal_attention_cpu.py),
+    else SDPA. Raises ValueError with a one-line message (callers may print it as is) for a backend
+    that cannot run on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if backend == "cpu" or (backend == "auto" and device.type == "cpu" and device.type not in AUTO_TRITON_DEVICES):
+        from kernels.causal_attention_cpu import cpu_kernel_error
+
+        problem = "it runs on the CPU only" if device.type != "cpu" else cpu_kernel_error()
+        if problem and backend == "cpu":
+            raise ValueError(f"attention.backend=cpu: {problem}: use attention.backend=sdpa or auto")
+        if problem:
+            import warnings
+
+            warnings.warn(f"CPU attention kernel unavailable ({problem}); training on SDPA")
+        return "sdpa" if problem else "cpu"
     if backend not in ("auto", "triton"):
         return backend
     from kernels.self_check import flash_attention_ok, triton_unusable  # these import no triton
@@ -66,7 +78,11 @@ def causal_attention(q, k, v, scale: float, backend: str) -> torch.Tensor:
         from kernels import flash_attention  # imported lazily: Triton is not needed for the other backends
 
         return flash_attention(q, k, v, causal=True, sm_scale=scale)
-    if backend == "sdpa":
+    if backend == "cpu" and q.dtype == torch.float32:  # the kernel is float32 only: other dtypes on SDPA
+        from kernels.causal_attention_cpu import causal_attention_cpu
+
+        return causal_attention_cpu(q, k, v, scale)
+    if backend in ("sdpa", "cpu"):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return math_attention(q, k, v, scale)
 

@@ -3,6 +3,7 @@
     python -m scripts.bench_train                       # the README shape, fp32: ours (Muon, AdamW, each compiled
                                                         # too) against transformers
     python -m scripts.bench_train --variants adamw logits-adamw hf   # what the chunked loss (model/loss.py) is worth
+    python -m scripts.bench_train --variants compiled compiled-sdpa hf  # what our CPU attention kernel is worth
     python -m scripts.bench_train --variants muon hf --rounds 5
     python -m scripts.bench_train --attention mla --variants muon compiled
     python -m scripts.bench_train --variants muon adamw  # the cost of the default Muon's step against AdamW's
@@ -37,9 +38,12 @@ from training.metrics import flops_per_token, peak_flops
 from training.optim import build_optimizer
 from training.trainer import compile_for_training
 
-# Ours: (optimizer, train.compile, the loss taken on the whole logits as before model/loss.py); hf: transformers.
-VARIANTS = {"muon": ("muon", False, False), "adamw": ("adamw", False, False), "compiled": ("muon", True, False),
-            "compiled-adamw": ("adamw", True, False), "logits-adamw": ("adamw", False, True), "hf": None}
+# Ours: (optimizer, train.compile, the loss taken on the whole logits as before model/loss.py, attention.backend:
+# auto is our C++ kernel on CPU, as train.py runs); hf: transformers.
+VARIANTS = {"muon": ("muon", False, False, "auto"), "adamw": ("adamw", False, False, "auto"),
+            "compiled": ("muon", True, False, "auto"), "compiled-adamw": ("adamw", True, False, "auto"),
+            "logits-adamw": ("adamw", False, True, "auto"), "sdpa": ("muon", False, False, "sdpa"),
+            "compiled-sdpa": ("muon", True, False, "sdpa"), "hf": None}
 DEFAULT_VARIANTS = ["muon", "adamw", "compiled", "compiled-adamw", "hf"]
 
 
@@ -55,9 +59,10 @@ def train_step(forward, params, optimizer, clip: float, governor=None):
     return step
 
 
-def ours(cfg: ModelConfig, x: torch.Tensor, optimizer: str, compiled: bool, logits_loss: bool, governor=None):
+def ours(cfg: ModelConfig, x: torch.Tensor, optimizer: str, compiled: bool, logits_loss: bool, backend: str,
+         governor=None):
     torch.manual_seed(0)
-    model = Transformer(cfg, backend="sdpa")
+    model = Transformer(cfg, backend=backend)
     # As train.py compiles: this also turns on torch's deterministic mode, process-wide, so every variant of a
     # run that includes a compiled one (transformers too) steps in that mode.
     fwd = compile_for_training(model, torch.device("cpu")) if compiled else model
@@ -103,7 +108,8 @@ def main():
                    "eager); adamw: train.optimizer=adamw; compiled: train.compile=true with Muon (what auto runs for "
                    "a run estimated at over 10 minutes, such as 400 steps at the README shape); compiled-adamw: "
                    "both; logits-adamw: adamw with the loss on the whole logits (as before model/loss.py); hf: "
-                   "transformers")
+                   "transformers; sdpa, compiled-sdpa: muon and compiled on torch's SDPA instead of our CPU attention "
+                   "kernel")
     p.add_argument("--rounds", type=int, default=3, help="rounds of alternated timings")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the first round "

@@ -145,7 +145,7 @@ def test_explicit_triton_refuses_a_failed_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("backend,interpret,message", [
-    ("foo", "1", "unknown attention backend 'foo': choose one of auto, triton, sdpa, math"),
+    ("foo", "1", "unknown attention backend 'foo': choose one of auto, triton, cpu, sdpa, math"),
     ("triton", "0", "attention.backend=triton: it needs a CUDA GPU, got device cpu"),
 ])
 def test_backend_errors_are_one_line(backend, interpret, message, monkeypatch):
@@ -155,9 +155,9 @@ def test_backend_errors_are_one_line(backend, interpret, message, monkeypatch):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-def test_auto_on_cpu_is_sdpa_without_a_check(monkeypatch):
+def test_auto_on_cpu_is_the_cpu_kernel_without_a_triton_check(monkeypatch):
     monkeypatch.setattr(self_check, "check_flash_attention", compile_error)
-    assert attention.resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert attention.resolve_backend("auto", torch.device("cpu")) == "cpu"
     assert self_check._results == {}
 
 

@@ -26,7 +26,7 @@ from engine import LLM, SamplingParams
 from model.attention import resolve_backend
 
 for attention in ("gqa", "mla"):
-    model = tiny_model(attention).train()  # backend "auto": SDPA on CPU
+    model = tiny_model(attention).train()  # backend "auto": our C++ kernel on CPU
     x = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
     _, loss = model(x, targets=x)
     loss.backward()
@@ -39,7 +39,7 @@ for attention in ("gqa", "mla"):
     recompute = [o.token_ids for o in LLM(model=model, device="cpu", use_cache=False).generate(prompts, params)]
     assert paged == recompute and all(len(t) == 12 for t in paged), (paged, recompute)
 
-assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+assert resolve_backend("auto", torch.device("cpu")) == "cpu"
 try:
     resolve_backend("triton", torch.device("cpu"))
 except ValueError as e:

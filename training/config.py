@@ -79,7 +79,8 @@ class TrainConfig:
 
 @dataclass
 class AttentionRuntimeConfig:
-    # auto: our Triton flash kernel on CUDA, SDPA on CPU. triton | sdpa | math force one.
+    # auto: our Triton flash kernel on CUDA, our C++ kernel on CPU (SDPA where ours cannot run).
+    # triton | cpu | sdpa | math force one.
     backend: str = "auto"
 
 
@@ -156,7 +157,10 @@ def check_options(cfg) -> None:
     on_cuda = t.device not in ("cpu", "mps") and torch.cuda.is_available()
     if cfg.attention.backend == "triton" and not (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise TrainConfigError("attention.backend=triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's "
-                               "slow interpreter): use attention.backend=auto (SDPA on CPU)")
+                               "slow interpreter): use attention.backend=auto (our C++ kernel on CPU)")
+    if cfg.attention.backend == "cpu" and (on_cuda or t.device == "mps"):
+        raise TrainConfigError("attention.backend=cpu is our C++ kernel for CPU training, but this run trains on "
+                               f"{'a GPU' if on_cuda else 'mps'}: use attention.backend=auto")
     if t.adaptive_threads and (on_cuda or t.device == "mps"):
         raise TrainConfigError(f"train.adaptive_threads=true sets CPU threads, but this run trains on "
                                f"{'a GPU' if on_cuda else 'mps'}: drop it, or train on the CPU (train.device=cpu)")
