@@ -233,6 +233,7 @@ def test_best_is_the_lowest_evaluation_even_between_saves(corpus, data_cache, tm
     ("train.device=foo", "unknown train.device 'foo'"),
     ("attention.backend=foo", "unknown attention.backend 'foo'"),
     ("attention.backend=triton", "attention.backend=triton needs a CUDA device"),
+    ("attention.backend=cpu train.device=mps", "attention.backend=cpu is our C++ kernel for CPU training"),
     ("train.optimizer=sgd", "unknown train.optimizer 'sgd': choose adamw or muon"),
     ("train.compile=maybe", "train.compile=maybe must be true, false or auto"),
     ("train.parallel=fsdp", "train.optimizer=muon needs whole matrices"),  # README: FSDP2 refuses the default Muon
