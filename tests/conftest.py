@@ -30,6 +30,16 @@ def write_corpus(folder: Path, n_docs: int = 12, lines: int = 60, seed: int = 0)
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_attention_kernel():
+    """Build (or load) our CPU training attention before any test: the kernel is loaded once per process,
+    and a test that hides the C++ compiler (CXX=no-such-compiler) must not be the one that first asks
+    for it, or every later test in the process would train on the SDPA fallback."""
+    from kernels.causal_attention_cpu import cpu_kernel_error
+
+    assert cpu_kernel_error() is None, cpu_kernel_error()
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))

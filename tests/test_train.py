@@ -233,8 +233,10 @@ def test_compile_without_a_compiler_is_one_line_error(corpus, data_cache, tmp_pa
     """train.compile=true where Inductor cannot compile (here: no C++ compiler, and an empty Inductor
     cache, so nothing compiled earlier is loaded): one line naming both fixes, not a traceback."""
     env = {**os.environ, "CXX": "no-such-compiler", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    # attention.backend=sdpa: without a compiler our CPU attention kernel falls back too (and warns)
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(corpus, data_cache, tmp_path / "run"),
-                           "train.compile=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           "train.compile=true", "attention.backend=sdpa"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert_one_line_error(proc, "install a C++ compiler (g++, or set CXX), or set train.compile=false")
 
 
@@ -263,13 +265,14 @@ def test_compile_auto_without_a_compiler_trains_eagerly(corpus, data_cache, tmp_
     """train.compile=auto (the default) where Inductor cannot compile: one warning, then the eager run, the
     same losses as train.compile=false's, bitwise. (A peak of 1 MFLOP/s makes auto judge the tiny run long.)"""
     env = {**os.environ, "CXX": "no-such-compiler", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    slow = "train.peak_tflops=0.000001"
+    # attention.backend=sdpa: without a compiler our CPU attention kernel falls back too (and warns)
+    slow = ["train.peak_tflops=0.000001", "attention.backend=sdpa"]
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(corpus, data_cache, tmp_path / "auto"),
-                           slow], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           *slow], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("UserWarning: train.compile=auto: Inductor cannot compile here") == 1, proc.stderr
     assert "training eagerly" in proc.stderr and "Traceback" not in proc.stderr
-    train.run(compose_config(tiny_overrides(corpus, data_cache, tmp_path / "eager") + [slow, "train.compile=false"]))
+    train.run(compose_config(tiny_overrides(corpus, data_cache, tmp_path / "eager") + slow + ["train.compile=false"]))
     assert train_losses(tmp_path / "auto") == train_losses(tmp_path / "eager")
 
 
