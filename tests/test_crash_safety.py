@@ -65,6 +65,7 @@ def test_sigkill_mid_training_then_resume_on_one_process(corpus, data_cache, ref
     assert summary["final_val_loss"] == pytest.approx(losses(reference_run, "val_loss")[6], abs=1e-5)
 
 
+@pytest.mark.slow  # torchrun with two processes, about 21 s: make test is at its 10-minute budget
 def test_sigkill_mid_checkpoint_then_resume_on_two_processes(corpus, data_cache, reference_run, tmp_path):
     """One process killed while writing the step-6 checkpoint, resumed with FSDP2 on 2 processes."""
     out = tmp_path / "run"

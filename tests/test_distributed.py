@@ -67,8 +67,8 @@ def losses(out_dir: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in metrics(out_dir) if key in r}
 
 
-def assert_same_run(out_dir: Path, reference: Path, steps=None) -> None:
-    """Same train and val losses at every step (to TOL) and the same final weights."""
+def assert_same_run(out_dir: Path, reference: Path, steps=None, weight_atol: float = TOL) -> None:
+    """Same train and val losses at every step (to TOL) and the same final weights (to weight_atol)."""
     for key in ("train_loss", "val_loss"):
         got, want = losses(out_dir, key), losses(reference, key)
         assert sorted(got) == sorted(want), (key, sorted(got), sorted(want))
@@ -79,7 +79,8 @@ def assert_same_run(out_dir: Path, reference: Path, steps=None) -> None:
     assert a.dir.name == b.dir.name
     assert a.model_state.keys() == b.model_state.keys()
     for k in a.model_state:
-        torch.testing.assert_close(a.model_state[k], b.model_state[k], rtol=1e-4, atol=TOL, msg=k)
+        torch.testing.assert_close(a.model_state[k], b.model_state[k], rtol=1e-4, atol=weight_atol,
+                                   msg=lambda m: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,10 @@ def test_ddp_with_muon_matches_one(corpus, data_cache, tmp_path):
     one, two = tmp_path / "one", tmp_path / "ddp"
     train.run(compose_config(overrides(corpus, data_cache, one, optimizer="muon")))
     ok(torchrun(overrides(corpus, data_cache, two, optimizer="muon") + ["train.parallel=ddp"], 2, tmp_path))
-    assert_same_run(two, one)
+    # The all-reduce sums the gradients in another order, and AdamW turns that rounding into larger weight
+    # differences where a gradient's second moment is near zero (the LM head's rarely seen tokens): the
+    # largest differences measured were 1.5e-5 with our CPU attention kernel, 3.9e-6 with SDPA, against 1e-5.
+    assert_same_run(two, one, weight_atol=5e-5)
 
 
 def test_fail_together(tmp_path):

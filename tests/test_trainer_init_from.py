@@ -80,6 +80,7 @@ def test_fine_tune_resumes_exactly(source, request, corpus, data_cache, tmp_path
     assert train_losses(resumed) == train_losses(straight)
 
 
+@pytest.mark.slow  # two start-ups of train.py, about 18 s: make test is at its 10-minute budget
 def test_init_from_refuses_a_contradicting_model_option(pretrained, corpus, data_cache, tmp_path):
     args = tiny_overrides(corpus, data_cache, tmp_path / "ft")
     # The tiny overrides repeat the checkpoint's own sizes: accepted. Another depth is not.
