@@ -25,9 +25,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <tuple>
 #include <vector>
+
+#include "attention.h"  // small_llm::dot
 
 // The Fortran BLAS entry point that libtorch_cpu exports (MKL, or OpenBLAS on other wheels). A wheel
 // without it fails to load this library, and the caller falls back to SDPA.
@@ -69,12 +70,13 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 }
 
 // P[r, :] = softmax over the keys 0..i0+r of scale * S[r, :] (zero beyond), in place; lse[r] = log-sum-exp.
+// Built with -ffast-math (vectorised exp), so nothing here relies on inf or NaN: the max starts at a score.
 void softmax_rows(float* S, int64_t ld, int64_t rows, int64_t i0, float scale, float* lse) {
   for (int64_t r = 0; r < rows; ++r) {
     float* s = S + r * ld;
     const int64_t n = i0 + r + 1;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+    float mx = s[0];
+    for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
     float sum = 0.f;
     for (int64_t j = 0; j < n; ++j) {
       s[j] = std::exp((s[j] - mx) * scale);
@@ -148,10 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
             const float l = L[i0 + r];
             for (int64_t j = 0; j < len; ++j) p[j] = std::exp(p[j] * scale - l);
             std::fill(p + len, p + n, 0.f);
-            float d = 0.f;  // delta = rowsum(dO * O) = rowsum(dP * P)
-            const float *a = dO.row(i0 + r), *c = O.row(i0 + r);
-            for (int64_t j = 0; j < Dv; ++j) d += a[j] * c[j];
-            delta[r] = d;
+            delta[r] = small_llm::dot(dO.row(i0 + r), O.row(i0 + r), Dv);  // rowsum(dO * O) = rowsum(dP * P)
           }
           gemm(false, true, rows, n, Dv, 1.f, dO.row(i0), dO.ld, V.p, V.ld, 0.f, dP.data(), n);  // dP = dO V^T
           gemm(true, false, n, Dv, rows, 1.f, P.data(), n, dO.row(i0), dO.ld, 1.f, dV.p, dV.ld);  // dV += P^T dO
