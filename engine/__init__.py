@@ -3,6 +3,8 @@ docs/engine.md for one request followed through these files).
 
     llm.py               LLM(ckpt).generate(prompts, SamplingParams(...)), offline, on the core
     core.py              the online engine: add_request / step / abort on one scheduler
+    async_engine.py      the engine thread serve.py runs: one thread owns the core, requests come in
+                         through an inbox
     text.py              stop strings and streamed text
     scheduler.py         waiting/running queues, admission, preemption, retirement
     sequence.py          one sample of one request (plain data)
@@ -14,6 +16,9 @@ docs/engine.md for one request followed through these files).
     attention_triton.py  attention backend: decode through the Triton paged kernel (CUDA)
     cpu_speed.py         CPU speed tricks that change no value (the C++ decode step, column-major
                          weights, index tensors)
+    quantize.py          int8 weights for every linear layer (--quantize int8)
+    threads.py           the thread governor: fewer torch threads while other processes take cores
+    sampling_params.py   the options of one request
     sampler.py           greedy, temperature, top-k, top-p, min-p, repetition penalty; per-request RNG
 """
 
