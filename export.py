@@ -11,8 +11,10 @@ checkpoint/hf.py and checkpoint/gguf.py for the layouts and the latent-norm eps 
 
 Nothing is overwritten in place: the export is written under a temporary name beside --out and renamed
 once whole, so a failure leaves no half-written output and an earlier export is replaced only by a
-complete one. An existing non-empty --out is refused unless --force. Bad input prints one line
-`error: ...` on stderr and exits with 2.
+complete one. An existing non-empty --out is refused unless --force, and an --out that is, holds or lies
+inside what --ckpt reads (the run, its checkpoint, the tokenizer) is always refused: --force would replace
+the source. Missing parent folders of --out are created. Bad input prints one line `error: ...` on stderr
+and exits with 2.
 """
 
 import argparse
@@ -51,7 +53,7 @@ def model_card(p, name: str) -> str:
              f"A {cfg.n_layers}-layer, {cfg.dim}-wide {arch}, {origin} and exported by `export.py`.", ""]
     metrics = p.dir.parent.parent / "metrics.jsonl"  # <run>/checkpoints/step_N -> <run>/metrics.jsonl
     if run is not None and metrics.is_file():
-        step = int(p.dir.name.removeprefix("step_")) if p.dir.name.startswith("step_") else float("inf")
+        step = float("inf") if p.step is None else p.step
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip().startswith("{")]
         evals = [r for r in rows if "val_loss" in r and r.get("step", 0) <= step]
         if evals:  # the last evaluation up to this checkpoint's step
@@ -69,13 +71,34 @@ def model_card(p, name: str) -> str:
     return "\n".join(lines)
 
 
-def export(args) -> Path:
-    out = Path(args.out).expanduser()
+def sources(args, p) -> list[Path]:
+    """What the export reads: the run holding the checkpoint (<run>/checkpoints/step_N), --ckpt as given, the
+    checkpoint folder it resolved to, and the tokenizer."""
+    run = [p.dir.parent.parent] if p.dir.parent.name == "checkpoints" else []
+    return run + [Path(args.ckpt).expanduser().resolve(), p.dir, p.tokenizer_path.resolve()]
+
+
+def check_out(out: Path, args, p) -> None:
+    """Refuse an --out that overlaps the source (replacing it would delete what is being exported) or, without
+    --force, holds something; create its missing parent folders."""
+    target = out.resolve()
+    for src in sources(args, p):
+        if target.is_relative_to(src) or src.is_relative_to(target):
+            where = "is" if target == src else "is inside" if target.is_relative_to(src) else "holds"
+            raise ExportError(f"--out {out} {where} {src}, which --ckpt {args.ckpt} reads: writing there would "
+                              "destroy the source; choose an --out outside it (e.g. exports/NAME)")
     if out.exists() and (out.is_file() or any(out.iterdir())) and not args.force:
         raise ExportError(f"--out {out} exists and is not empty: choose another path or pass --force to replace it")
-    if not out.parent.is_dir():
-        raise ExportError(f"--out {out}: the folder {out.parent} does not exist")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot create the folder {out.parent} ({e.strerror or e})") from None
+
+
+def export(args) -> Path:
     p = load_pretrained(args.ckpt, args.tokenizer)
+    out = Path(args.out).expanduser()
+    check_out(out, args, p)
     # Build beside the target (same filesystem, so the final rename is atomic), then swap it in.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:

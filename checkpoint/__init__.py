@@ -8,7 +8,9 @@
 """
 
 from .load import Pretrained, load_model, load_pretrained
-from .store import Checkpoint, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .store import (Checkpoint, CheckpointError, discard_later, later_checkpoints, load_checkpoint, resolve_checkpoint,
+                    save_checkpoint)
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "resolve_checkpoint", "save_checkpoint",
+__all__ = ["Checkpoint", "CheckpointError", "discard_later", "later_checkpoints", "load_checkpoint",
+           "resolve_checkpoint", "save_checkpoint",
            "Pretrained", "load_pretrained", "load_model"]

@@ -39,7 +39,7 @@ from tokenizers import Tokenizer
 
 from model import ModelConfig
 
-from .store import CheckpointError
+from .store import CheckpointError, unusable
 
 DEEPSEEK_LATENT_EPS = 1e-6  # hard-coded by transformers' DeepseekV3RMSNorm for the latent norms
 MAX_SHARD_BYTES = 5 * 1024 ** 3  # one safetensors file up to this size, shards with an index above
@@ -235,7 +235,7 @@ def model_config(hf: dict, where: str) -> tuple[ModelConfig, bool]:
     try:
         return ModelConfig(**kw), bool(hf.get("rope_interleave", True))
     except Exception as e:
-        raise CheckpointError(f"HF folder '{where}' has an unusable config ({e})") from None
+        raise unusable(where, "config.json", e, "use another folder") from e
 
 
 # ----------------------------------------------------------------------------- folders
@@ -249,7 +249,7 @@ def read_hf_folder(path, tokenizer=None) -> tuple[ModelConfig, dict, Path, Optio
         hf = json.loads((d / "config.json").read_text())
         gen = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").is_file() else {}
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"HF folder '{d}' has an unreadable config ({e})") from None
+        raise unusable(d, "config.json", e, "use another folder") from e
     cfg, interleave = model_config(hf, str(d))
     tok = Path(tokenizer).expanduser() if tokenizer is not None else d
     tok = tok / "tokenizer.json" if tok.is_dir() else tok
@@ -260,7 +260,7 @@ def read_hf_folder(path, tokenizer=None) -> tuple[ModelConfig, dict, Path, Optio
         try:
             files = sorted(set(json.loads((d / INDEX_FILE).read_text())["weight_map"].values()))
         except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"HF folder '{d}' has an unreadable {INDEX_FILE} ({e})") from None
+            raise unusable(d, INDEX_FILE, e, "use another folder") from e
     elif (d / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -271,7 +271,7 @@ def read_hf_folder(path, tokenizer=None) -> tuple[ModelConfig, dict, Path, Optio
         try:
             state.update(load_file(d / f))
         except Exception as e:
-            raise CheckpointError(f"HF folder '{d}': {f} is missing or corrupt ({str(e)[:120]})") from None
+            raise unusable(d, f, e, "use another folder") from e
     eos = gen.get("eos_token_id", hf.get("eos_token_id"))
     eos = eos[0] if isinstance(eos, list) and eos else eos
     return cfg, from_hf(cfg, state, str(d), interleave), tok, eos

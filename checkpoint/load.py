@@ -11,7 +11,7 @@ from data.config import EOT
 from model import ModelConfig, Transformer
 
 from .hf import is_hf_folder, read_hf_folder
-from .store import CheckpointError, load_checkpoint
+from .store import CONFIG_FILE, CheckpointError, load_checkpoint, unusable
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Pretrained:
     tokenizer_path: Path
     eos_id: Optional[int]  # end of text: a HF folder's generation config, else the tokenizer's <|endoftext|>
     run_config: Optional[dict] = None  # our checkpoints: the resolved run config (data, train, ...)
+    step: Optional[int] = None  # our checkpoints: the training step the weights were saved at
 
 
 def load_pretrained(path, tokenizer=None) -> Pretrained:
@@ -37,16 +38,16 @@ def load_pretrained(path, tokenizer=None) -> Pretrained:
     try:
         cfg = ModelConfig(**c.config["model"])
     except Exception as e:  # missing section, unknown keys, invalid values
-        raise CheckpointError(f"checkpoint '{c.dir}' has an unusable model config ({e})") from None
+        raise unusable(c.dir, f"{CONFIG_FILE} (its model section)", e) from e
     tok = c.tokenizer_path if tokenizer is None else Path(tokenizer).expanduser()
-    return Pretrained(c.dir, cfg, c.model_state, tok, _read_tokenizer(tok, c.dir).token_to_id(EOT), c.config)
+    return Pretrained(c.dir, cfg, c.model_state, tok, _read_tokenizer(tok, c.dir).token_to_id(EOT), c.config, c.step)
 
 
 def _read_tokenizer(path: Path, where: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:
-        raise CheckpointError(f"checkpoint '{where}': tokenizer {path} is missing or unreadable ({e})") from None
+        raise unusable(where, f"the tokenizer {path}", e) from e
 
 
 def load_model(path, device: torch.device, dtype: torch.dtype, tokenizer=None):

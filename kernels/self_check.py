@@ -8,10 +8,11 @@ on a small random problem and compares it with PyTorch:
     flash_attention_ok(device)   forward and backward vs SDPA (training attention)
     paged_decode_ok(device)      one split and split-K vs paged_attention_decode_torch (decoding)
 
-Each returns True if the kernel agrees, else warns in ONE line (what failed, what is used
-instead) and returns False; the caller then uses the PyTorch path. The answer is cached per
-device, so the check costs one small problem (plus Triton's compile and autotune, which the
-first real call would pay anyway) per process.
+Each returns True if the kernel agrees, else warns in ONE line (what failed and why, what is
+used instead; SMALL_LLM_DEBUG=1 also prints an exception's traceback) and returns False; the
+caller then uses the PyTorch path. The answer is cached per device, so the check costs one small
+problem (plus Triton's compile and autotune, which the first real call would pay anyway) per
+process.
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is how the tests
 check this logic without a GPU. `import kernels.self_check` does not import triton.
@@ -19,7 +20,9 @@ check this logic without a GPU. `import kernels.self_check` does not import trit
 
 from __future__ import annotations
 
+import os
 import threading
+import traceback
 import warnings
 from typing import Callable, Optional
 
@@ -73,7 +76,8 @@ def _cached(name: str, device: torch.device, check: Callable, kernel: str, fallb
             problem = run_check(check, device)
             if problem:
                 warnings.warn(f"our {kernel} failed its self-check on {device} ({problem}); using {fallback} "
-                              "instead. Please report this with the output of scripts/gpu_check.py", stacklevel=3)
+                              "instead. Please report this with the output of scripts/gpu_check.py (SMALL_LLM_DEBUG=1 "
+                              "prints the traceback)", stacklevel=3)
             _results[key] = problem is None
         return _results[key]
 
@@ -86,8 +90,23 @@ def run_check(check: Callable, device: torch.device) -> Optional[str]:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             return check(device)
     except Exception as e:  # a compile error, an unsupported GPU, a launch failure ...
-        message = str(e).strip()
-        return f"{type(e).__name__}: {message.splitlines()[0] if message else 'no message'}"
+        if os.environ.get("SMALL_LLM_DEBUG") == "1":
+            traceback.print_exception(e)
+        return describe_exception(e)
+
+
+def describe_exception(e: BaseException) -> str:
+    """`Type: first line` of `e`, and of the exception that caused it if any: a wrapper's first line often
+    names no cause (Triton's CompilationError starts with "at 12:4:", the kernel's source position)."""
+    def line(x: BaseException) -> str:
+        message = str(x).strip().splitlines()
+        return f"{type(x).__name__}: {message[0] if message else 'no message'}"
+
+    root, seen = e, {id(e)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        root = nxt
+        seen.add(id(root))
+    return line(e) if root is e else f"{line(e)}, caused by {line(root)}"
 
 
 def _check_dtype(device: torch.device) -> torch.dtype:

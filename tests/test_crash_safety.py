@@ -160,3 +160,55 @@ def test_resume_refuses_incompatible_config_under_torchrun(corpus, data_cache, r
                     tmp_path)
     one_error_line(proc, "model.n_layers: 2 -> 3")  # refused on every rank, printed once
     assert files() == before  # checkpoints and metrics.jsonl untouched
+
+
+class Killed(BaseException):
+    """A kill at a chosen moment: a BaseException, so no `except Exception` in the code under test catches it."""
+
+
+def test_saving_a_step_again_keeps_latest_whole_at_every_moment(tmp_path, monkeypatch):
+    """Step 2 saved again while `latest` and `best` name it (issue 25: the old folder was deleted before the
+    new one was renamed in). The save is killed after each of its filesystem operations in turn: every time,
+    `latest` and `best` load a complete step 2, old or new, and the next save cleans up after the kill."""
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text("{}")
+    old, new = torch.full((4, 4), 2.0), torch.full((4, 4), -2.0)
+    ops = [(store.os, "replace"), (store.os, "link"), (store.shutil, "rmtree"), (store.Path, "unlink")]
+    real = {name: getattr(owner, name) for owner, name in ops}
+    for kill_at in range(1, 100):
+        root = tmp_path / f"kill_{kill_at}" / "checkpoints"
+        for step in (1, 2):
+            save_checkpoint(root, step, {"w": old}, {"step": step}, {"model": {}}, tokenizer, False, best=True)
+        calls = 0
+
+        def counted(name):
+            def op(*args, **kw):
+                nonlocal calls
+                result = real[name](*args, **kw)
+                calls += 1
+                if calls == kill_at:
+                    raise Killed
+                return result
+            return op
+
+        for owner, name in ops:
+            monkeypatch.setattr(owner, name, counted(name))
+        try:
+            save_checkpoint(root, 2, {"w": new}, {"step": 2}, {"model": {}}, tokenizer, False)
+            finished = True
+        except Killed:
+            finished = False
+        for owner, name in ops:
+            monkeypatch.setattr(owner, name, real[name])
+        for link in ("latest", "best"):
+            ckpt = load_checkpoint(root / link)
+            assert ckpt.trainer_state() == {"step": 2}, (kill_at, link)
+            assert torch.equal(ckpt.model_state["w"], old) or torch.equal(ckpt.model_state["w"], new), (kill_at, link)
+        if finished:
+            assert torch.equal(load_checkpoint(root).model_state["w"], new)
+            break
+        save_checkpoint(root, 3, {"w": new}, {"step": 3}, {"model": {}}, tokenizer, False)  # the resumed run's save
+        assert os.readlink(root / "latest") == "step_0000003"
+        assert {p.name for p in root.glob(".tmp*")} <= {os.readlink(root / "best")}  # only what `best` still names
+        assert load_checkpoint(root / "best").trainer_state() == {"step": 2}, kill_at
+    assert kill_at > 5  # the save was killed at every one of its (more than 5) operations before it finished

@@ -4,7 +4,9 @@ The reference is transformers itself (LlamaForCausalLM, DeepseekV3ForCausalLM): 
 fp32, identical greedy continuations against our paged engine, identical token ids from AutoTokenizer.
 """
 
+import errno
 import json
+import os
 
 import pytest
 import torch
@@ -12,9 +14,10 @@ import transformers
 from safetensors.torch import load_file
 
 from builders import write_checkpoint
-from checkpoint import load_pretrained
+from checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_pretrained
 from checkpoint.hf import write_hf_folder
 from engine import LLM, SamplingParams
+import export
 from export import main as export_main
 
 # attention kind and ModelConfig overrides; MLA with the latent eps transformers' DeepSeek code fixes.
@@ -157,7 +160,6 @@ def one_run(tmp_path):
     (["--format", "gguf", "--outtype", "q4_k"], "invalid choice: 'q4_k'"),
     (["--format", "hf", "--dtype", "int8"], "invalid choice: 'int8'"),
     (["--format", "hf", "--ckpt", "/nonexistent/run"], "no checkpoint at '/nonexistent/run'"),
-    (["--format", "hf", "--out", "/nonexistent/dir/out"], "the folder /nonexistent/dir does not exist"),
 ])
 def test_bad_arguments_give_one_line(one_run, tmp_path, capsys, args, message):
     argv = ["--ckpt", str(one_run), "--out", str(tmp_path / "out")] + args  # later flags win
@@ -209,3 +211,85 @@ def test_model_card_has_config_data_and_final_validation(tmp_path):
     assert export_main(["--ckpt", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "loss 4.2500, bits per byte 1.5000" in card and '"path": "notes/"' in card and '"n_kv_heads": 2' in card
+
+
+def tree(folder) -> dict:
+    """Every path under `folder` with its bytes (files) or target (links): what must survive untouched."""
+    return {p: os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("ckpt, fmt, out", [
+    ("run", "hf", "run"),  # equal to the run
+    ("run", "gguf", "run/checkpoints"),  # inside it
+    ("run/checkpoints/latest", "hf", "run"),  # the run around the checkpoint
+    ("run/checkpoints/latest", "gguf", "run/checkpoints/step_0000001/tokenizer.json"),
+    ("run", "hf", "."),  # above it
+])
+def test_out_overlapping_the_source_is_refused_even_with_force(one_run, tmp_path, capsys, ckpt, fmt, out):
+    """--force used to replace the run it read (issue 25): every overlap is refused, and the run is untouched."""
+    (one_run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = tree(one_run)
+    argv = ["--ckpt", str(tmp_path / ckpt), "--format", fmt, "--out", str(tmp_path / out), "--force"]
+    assert export_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "would destroy the source" in err, err
+    assert tree(one_run) == before
+    assert not [p for p in tmp_path.rglob(".tmp*")]
+
+
+def test_missing_parent_folders_of_out_are_created(one_run, tmp_path, capsys):
+    out = tmp_path / "exports" / "deep" / "a-hf"
+    assert export_main(["--ckpt", str(one_run), "--format", "hf", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+    (tmp_path / "a-file").write_text("")  # a parent that cannot be a folder: one line naming it
+    assert export_main(["--ckpt", str(one_run), "--format", "hf", "--out", str(tmp_path / "a-file" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and f"cannot create the folder {tmp_path / 'a-file'}" in err
+
+
+def test_a_failed_forced_export_keeps_the_old_output(one_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert export_main(["--ckpt", str(one_run), "--format", "hf", "--out", str(out)]) == 0
+    before = tree(out)
+    real = export.write_hf_folder
+
+    def disk_full(folder, *args, **kw):
+        real(folder, *args, **kw)  # the new export is written whole, then the disk fills
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export, "write_hf_folder", disk_full)
+    assert export_main(["--ckpt", str(one_run), "--format", "hf", "--out", str(out), "--force"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+
+
+def test_checkpoint_errors_name_their_cause_and_show_the_traceback_when_asked(one_run, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Not every failure is corruption (issue 25): a file the OS cannot read says so, a corrupt one says what
+    its reader found, the cause stays attached, and SMALL_LLM_DEBUG=1 prints its traceback."""
+    latest = (one_run / "checkpoints" / "latest").resolve()
+    weights = latest / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to("/proc/self/mem")  # a regular file that cannot be mapped: ENODEV, an OS error
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(one_run)
+    assert "cannot read model.safetensors (No such device" in str(e.value) and "corrupt" not in str(e.value)
+    assert isinstance(e.value.__cause__, OSError)
+
+    (latest / "trainer_state.pt").write_bytes(b"not a torch file")
+    try:
+        torch.load(latest / "trainer_state.pt", weights_only=True)
+    except Exception as reference:  # what torch itself says about the file
+        cause = f"{type(reference).__name__}: {str(reference).splitlines()[0][:100]}"
+    with pytest.raises(CheckpointError, match="trainer_state.pt is corrupt") as e:
+        Checkpoint(latest, {}, {}, latest / "tokenizer.json").trainer_state()
+    assert cause in str(e.value) and "\n" not in str(e.value)
+
+    weights.unlink()
+    weights.write_bytes(b"\0" * 64)
+    monkeypatch.setenv("SMALL_LLM_DEBUG", "1")
+    assert export_main(["--ckpt", str(one_run), "--format", "hf", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("Traceback") and "SafetensorError" in "\n".join(err)
+    assert err[-1].startswith("error: ") and "model.safetensors is corrupt" in err[-1]

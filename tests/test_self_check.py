@@ -171,3 +171,23 @@ def test_first_use_inside_torch_compile_is_one_graph(monkeypatch):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)[0]
     assert self_check._results == {("flash_attention", "cpu"): True}
     torch.testing.assert_close(compiled, logits("sdpa", x), atol=1e-4, rtol=1e-4)
+
+
+def test_failure_names_the_cause_behind_a_wrapper_and_shows_the_traceback_when_asked(monkeypatch, capsys):
+    """A compiler's error often wraps the cause (Triton's CompilationError starts with the source position):
+    the warning names the wrapped cause too, and SMALL_LLM_DEBUG=1 prints the traceback."""
+    def wrapped(device):
+        try:
+            raise ValueError("out of resource: shared memory, required 98304, limit 65536")
+        except ValueError as e:
+            raise RuntimeError("at 12:4:\n    acc += tl.dot(p, v)") from e
+
+    monkeypatch.setattr(self_check, "check_flash_attention", wrapped)
+    monkeypatch.setenv("SMALL_LLM_DEBUG", "1")
+    with pytest.warns(UserWarning) as caught:
+        assert self_check.flash_attention_ok("cpu") is False
+    message = str(caught[0].message)
+    assert "\n" not in message
+    assert "(RuntimeError: at 12:4:, caused by ValueError: out of resource: shared memory, required 98304" in message
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "tl.dot(p, v)" in err

@@ -355,6 +355,71 @@ def test_resume_from_a_checkpoint_path_and_notes_on_changes(corpus, data_cache, 
            f"{cosine(6, 6, 4e-3):.3g} -> {cosine(6, 8, 1e-3):.3g})" in notes[0]
 
 
+def test_resume_from_an_earlier_checkpoint_keeps_the_later_ones_unless_told(corpus, data_cache, tmp_path, capsys):
+    """train.resume=PATH at step 3 of a run that went on to step 6: the first save would delete step 6 (issue 25).
+    Refused in one line naming both ways on; train.discard_later_checkpoints=true deletes it and the run goes on
+    to the uninterrupted run's losses."""
+    out = tmp_path / "run"
+    args = tiny_overrides(corpus, data_cache, out) + ["train.keep_checkpoints=2"]
+    train.run(compose_config(args))
+    root, straight = out / "checkpoints", train_losses(out)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000003", "step_0000006"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    resume = [f"train.resume={root / 'step_0000003'}"]
+    with pytest.raises(CheckpointError, match=r"is at step 3, but out_dir=.* holds later checkpoints \(step_0000006\) "
+                                              r".*new out_dir, or pass train.discard_later_checkpoints=true"):
+        train.run(compose_config(args + resume))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost
+    capsys.readouterr()
+    train.run(compose_config(args + resume + ["train.discard_later_checkpoints=true"]))
+    assert f"deleted {root / 'step_0000006'}" in capsys.readouterr().out
+    assert train_losses(out) == straight and links(out)["latest"] == "step_0000006"
+
+
+def test_keep_checkpoints_keeps_the_newest_and_best(corpus, data_cache, tmp_path, monkeypatch):
+    """train.keep_checkpoints=3, a save every step: steps 4-6 stay, and `best`, made the first evaluation (step 3)
+    by a worse second one."""
+    patch_loss(monkeypatch, lambda loss, n, training: loss if training or n <= 2 else loss + 10)  # eval 2: n 3-4
+    out = tmp_path / "run"
+    train.run(compose_config(tiny_overrides(corpus, data_cache, out) + ["train.save_every=1",
+                                                                        "train.keep_checkpoints=3"]))
+    evals = {r["step"]: r["val_loss"] for r in metrics(out) if "val_loss" in r}
+    best = min(evals, key=evals.get)
+    assert best == 3
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == \
+        [f"step_{s:07d}" for s in sorted({best, 4, 5, 6})]
+    assert links(out) == {"latest": "step_0000006", "best": "step_0000003"}
+
+
+def test_resume_auto_starts_a_job_requeued_before_its_first_save_and_resumes_it_after(corpus, data_cache, tmp_path,
+                                                                                     monkeypatch):
+    """docs/distributed.md's SLURM recipe: one command for every start of a job. Killed before its first save,
+    the job left metrics.jsonl but no checkpoint (issue 25: the requeued job was refused); it starts over,
+    is killed after saving step 3, and continues from there, to the uninterrupted run's losses."""
+    straight = tmp_path / "straight"
+    train.run(compose_config(tiny_overrides(corpus, data_cache, straight)))
+    out = tmp_path / "run"
+    args = tiny_overrides(corpus, data_cache, out) + ["train.resume=auto"]
+    real_step = trainer.Trainer.train_step
+
+    def killed_at_step_3(self):
+        if self.progress.step == 2:
+            raise Crash
+        return real_step(self)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", killed_at_step_3)
+    with pytest.raises(Crash):
+        train.run(compose_config(args))
+    assert sorted(train_losses(out)) == [1, 2] and not (out / "checkpoints" / "latest").exists()
+    monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
+    real_save = crash_after_save(monkeypatch, 3)
+    with pytest.raises(Crash):
+        train.run(compose_config(args))
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    summary = train.run(compose_config(args))
+    assert summary["final_step"] == 6 and train_losses(out) == train_losses(straight)
+
+
 def test_resume_of_a_checkpoint_from_before_the_optimizer_option_names_adamw():
     """Checkpoints written before train.optimizer existed were trained with AdamW; the default is now Muon,
     whose state would start from nothing: the resume is refused with the option that continues it."""

@@ -1,6 +1,9 @@
 """train.init_from: fine-tuning starts from a checkpoint's weights, model config and tokenizer, with a
 fresh optimizer and step, and resumes exactly like any run."""
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -87,3 +90,28 @@ def test_init_from_refuses_a_contradicting_model_option(pretrained, corpus, data
     assert_one_line_error(run_cli(*args, f"train.init_from={pretrained}", "model.n_layers=3"),
                           "model.n_layers=3 contradicts train.init_from")
     assert_one_line_error(run_cli(*args, f"train.init_from={tmp_path / 'nothing'}"), "no checkpoint at")
+
+
+def test_init_from_and_the_budget_are_printed(pretrained, corpus, data_cache, tmp_path, capsys):
+    """What the weights came from (path, step, parameters, tokenizer), and how many passes over the training
+    tokens the budget makes: checked against the checkpoint's files and the prepared data."""
+    from omegaconf import OmegaConf
+    from safetensors import safe_open
+
+    from data.pipeline import cache_folder, load_prepared
+
+    cfg = compose_config(tiny_overrides(corpus, data_cache, tmp_path / "ft") + [
+        f"train.init_from={pretrained}", "train.max_steps=2", "train.batch_size=64", "train.eval_every=2"])
+    capsys.readouterr()
+    train.run(cfg)
+    printed = capsys.readouterr().out
+    src = (pretrained / "checkpoints" / "latest").resolve()
+    with safe_open(src / "model.safetensors", "pt") as f:  # the stored tensors (a tied head is stored once)
+        n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    step = load_checkpoint(pretrained).trainer_state()["step"]
+    assert f"init_from: {src} (step {step}): {n_params / 1e6:.2f}M parameters, tokenizer {src / 'tokenizer.json'}" \
+        in printed
+    n_train = len(load_prepared(cache_folder(OmegaConf.to_object(cfg.data))).train)
+    m = re.search(r"budget: 2 steps x 2,048 tokens = ([\d.]+) passes over ([\d,]+) training tokens", printed)
+    assert m, printed
+    assert int(m[2].replace(",", "")) == n_train and float(m[1]) == pytest.approx(2 * 2048 / n_train, abs=0.05)

@@ -54,8 +54,14 @@ class TrainConfig:
     eval_batches: int = 10  # batches of batch_size sequences per evaluation
     sample_tokens: int = 120  # tokens generated for the sample at each evaluation
     save_every: int = 200  # steps between checkpoints (also at the end, and at each new best evaluation)
-    # true: continue from out_dir/checkpoints/latest; a path: continue from that checkpoint (or run) folder
+    # checkpoints kept besides `best`: the newest N (1: `latest` only); each save deletes older ones
+    keep_checkpoints: int = 1
+    # true: continue from out_dir/checkpoints/latest; a path: continue from that checkpoint (or run) folder;
+    # auto: continue if out_dir has a checkpoint, else start from step 0 (a requeued job: it also replaces the
+    # metrics a previous attempt logged before its first save)
     resume: Any = False
+    # train.resume=PATH at step N while out_dir holds checkpoints after N: delete them (refused without this)
+    discard_later_checkpoints: bool = False
     overwrite: bool = False  # start a new run in an out_dir that holds one (deletes its checkpoints and metrics)
     # A checkpoint or run folder to start from: its weights, model config and tokenizer; fresh optimizer and step
     init_from: Optional[str] = None
@@ -118,7 +124,7 @@ def check_options(cfg) -> None:
     """Every option's range and choice, before any work starts (no data, no files): one error naming it."""
     t = cfg.train
     positive = ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
-                "log_every")
+                "log_every", "keep_checkpoints")
     for name in positive:
         if getattr(t, name) <= 0:
             raise TrainConfigError(f"train.{name}={getattr(t, name)} must be positive")

@@ -5,7 +5,7 @@ for what would make the continuation wrong or inexact, or a checkpoint's model t
 from dataclasses import asdict
 from types import SimpleNamespace
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, later_checkpoints
 
 from .errors import TrainConfigError
 from .optim import lr_at
@@ -50,6 +50,17 @@ def check_resume_compatible(saved: dict, current: dict, step: int) -> list[str]:
         notes.append(f"train.max_steps {old} -> {new}: the LR schedule now spans {new} steps "
                      f"(LR at step {step}: {was:.3g} -> {now:.3g})")
     return notes
+
+
+def check_later_checkpoints(cfg, root, step: int) -> None:
+    """train.resume=PATH at `step` while out_dir's checkpoints go further: the run's first save would delete them
+    (saving keeps the newest), so refuse unless train.discard_later_checkpoints. (With train.resume=true or auto
+    the run continues from `latest`: a later folder can only be one its crash left before `latest` moved.)"""
+    later = [] if cfg.train.resume in (True, "auto") else later_checkpoints(root, step)
+    if later and not cfg.train.discard_later_checkpoints:
+        raise CheckpointError(f"train.resume={cfg.train.resume} is at step {step}, but out_dir={cfg.out_dir} holds "
+                              f"later checkpoints ({', '.join(later)}) that its first save would delete: resume into "
+                              "a new out_dir, or pass train.discard_later_checkpoints=true to delete them")
 
 
 def adopt_pretrained_config(cfg, pretrained, cli_overrides) -> None:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
+from checkpoint import CheckpointError, discard_later, load_checkpoint, load_pretrained, save_checkpoint
 from data import DataError, TokenBatches, bits_per_byte, eval_batches, eval_text_size, load_prepared, prepare
 from engine.threads import ThreadGovernor
 from model import Transformer
@@ -31,7 +31,7 @@ from .distributed import (fail_together, forward_is_collective, full_state, grad
 from .errors import TrainConfigError, TrainingError
 from .metrics import MetricsLogger, flops_per_token, peak_flops
 from .optim import build_optimizer, lr_at
-from .resume import adopt_pretrained_config, check_resume_compatible
+from .resume import adopt_pretrained_config, check_later_checkpoints, check_resume_compatible
 from .rng import capture_rng_state, restore_rng_state
 from .run_dir import claim_out_dir, record_config
 from .sample import sample_text
@@ -111,6 +111,10 @@ class Trainer:
         self.raw_model = Transformer(self.model_cfg, backend=cfg.attention.backend).to(self.device)
         if pretrained is not None and ckpt is None:
             self.raw_model.load_state_dict(pretrained.state_dict)  # before wrapping: FSDP shards what it finds
+            if self.info.is_main:
+                step = "a Hugging Face folder" if pretrained.step is None else f"step {pretrained.step}"
+                print(f"init_from: {pretrained.dir} ({step}): {self.raw_model.num_params() / 1e6:.2f}M parameters, "
+                      f"tokenizer {pretrained.tokenizer_path} ({self.data.vocab_size:,} ids)")
         # For MFU (training/metrics.py): counted before wrapping, as FSDP shards the weights it counts.
         self.flops_per_token = flops_per_token(self.raw_model, cfg.train.seq_len)
         peak = peak_flops(self.device, cfg.train.peak_tflops)
@@ -132,10 +136,9 @@ class Trainer:
         self.lock = None
         with fail_together(self.info):
             if self.info.is_main:
-                self.lock = claim_out_dir(self.out_dir, resume=ckpt is not None, overwrite=cfg.train.overwrite)
-                record_config(self.out_dir, cfg)
+                self._claim_out_dir(resumed=ckpt is not None)
             self.logger = MetricsLogger(self.out_dir, self.config_dict, cfg.wandb, enabled=self.info.is_main,
-                                        resume_step=self.progress.step if ckpt is not None else None)
+                                        resume_step=self.progress.step if cfg.train.resume else None)
         self.logger.summary({"params": self.raw_model.num_params(),
                              "kv_bytes_per_token": self.model_cfg.kv_cache_bytes_per_token()})
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -175,18 +178,33 @@ class Trainer:
             check_val_split(self.data.val, cfg, info.world_size)
             self.eval_tokens, self.eval_bytes = eval_text_size(self.data.val, self.data.tokenizer, cfg.train.seq_len,
                                                                cfg.train.batch_size, cfg.train.eval_batches)
-            if cfg.train.resume:
-                ckpt = self._checkpoint_to_resume()
+            ckpt = self._checkpoint_to_resume() if cfg.train.resume else None
+            if ckpt is not None:
                 self._resume_state = ckpt.trainer_state()
+                check_later_checkpoints(cfg, self.ckpt_root, self._resume_state["step"])
                 notes = check_resume_compatible(ckpt.config, self.config_dict, self._resume_state["step"])
                 if info.is_main and notes:
                     print("note: " + "; ".join(notes))
         return ckpt, pretrained
 
+    def _claim_out_dir(self, resumed: bool) -> None:
+        """Rank 0 locks out_dir and records the config there (training/run_dir.py); train.resume=auto without a
+        checkpoint starts over from step 0 in it. Then, once out_dir is ours, train.discard_later_checkpoints
+        deletes the checkpoints after the resumed step."""
+        t = self.cfg.train
+        self.lock = claim_out_dir(self.out_dir, resume=bool(t.resume), overwrite=t.overwrite)
+        record_config(self.out_dir, self.cfg)
+        if resumed and t.discard_later_checkpoints:
+            for name in discard_later(self.ckpt_root, self.progress.step):
+                print(f"train.discard_later_checkpoints=true: deleted {self.ckpt_root / name}")
+
     def _checkpoint_to_resume(self):
-        """train.resume=true: out_dir's latest checkpoint; train.resume=PATH: that checkpoint or run folder."""
+        """train.resume=true: out_dir's latest checkpoint; auto: that or None (no checkpoint: start over);
+        PATH: that checkpoint or run folder."""
         resume = self.cfg.train.resume
-        if resume is True:
+        if resume == "auto" and not (self.ckpt_root / "latest").exists():
+            return None
+        if resume in (True, "auto"):
             if not (self.ckpt_root / "latest").exists():
                 raise CheckpointError(f"train.resume=true but there is no checkpoint in {self.ckpt_root}: "
                                       "point out_dir at the run to continue, or drop train.resume")
@@ -306,7 +324,7 @@ class Trainer:
                                  **asdict(self.progress), "elapsed_s": self.elapsed()}
                 path = save_checkpoint(self.ckpt_root, self.progress.step, model_state, trainer_state,
                                        self.config_dict, self.data.tokenizer_path, self.model_cfg.tie_embeddings,
-                                       best=best)
+                                       best=best, keep_last=self.cfg.train.keep_checkpoints)
         return path
 
     def log_step(self, stats: dict) -> dict:
@@ -324,15 +342,20 @@ class Trainer:
         return record
 
     def describe(self) -> str:
-        """One line: what is trained, where, on how much data."""
+        """Two lines: what is trained and where; how many passes over the training tokens the budget makes."""
         info, cfg = self.info, self.cfg
         where = f" x {info.world_size} ({cfg.train.parallel})" if info.distributed else ""
         dtype, size = ("bfloat16", 2) if self.device.type == "cuda" else ("float32", 4)  # see self.autocast
         compiled = " | torch.compile: the first step compiles" if self.fwd_model is not self.model else ""
+        n_train, steps = self.data.meta["n_train_tokens"], cfg.train.max_steps
+        passes = steps * self.tokens_per_step / n_train
+        passes = f"{passes:,.1f}" if passes >= 0.1 else f"{passes:.1g}"
+        budget = f" (or train.max_minutes={cfg.train.max_minutes}, if sooner)" if cfg.train.max_minutes else ""
         return (f"model: {cfg.model.attention}, {self.raw_model.num_params() / 1e6:.2f}M parameters, "
                 f"KV cache {self.model_cfg.kv_cache_bytes_per_token(size):,} bytes/token in {dtype} | "
-                f"device {self.device}{where}{compiled} | "
-                f"{self.data.meta['n_train_tokens']:,} train tokens | out_dir {self.out_dir}")
+                f"device {self.device}{where}{compiled} | out_dir {self.out_dir}\n"
+                f"budget: {steps:,} steps x {self.tokens_per_step:,} tokens = {passes} "
+                f"passes over {n_train:,} training tokens{budget}")
 
     def prompt_hint(self) -> str:
         """A prompt that fits the data: the first line of the validation text (for the `try it:` line)."""
