@@ -24,8 +24,8 @@ TOL = 1e-5
 def overrides(corpus, data_cache, out_dir, optimizer: str = "adamw") -> list[str]:
     """The tiny test config, with 96 sequences of 33 tokens per step: the validation split then holds
     93 windows, fewer than one batch and odd, so 2 ranks score unequal shares (47 and 46 rows).
-    AdamW, not the default Muon: FSDP refuses Muon, and one reference run serves DDP, FSDP and the crash
-    tests (test_ddp_with_muon_matches_one covers the default)."""
+    AdamW, not the default Muon: one reference run serves DDP, FSDP and the crash tests
+    (test_two_processes_with_muon_match_one covers the default)."""
     return tiny_overrides(corpus, data_cache, out_dir) + ["train.seq_len=33", "train.batch_size=96",
                                                           "train.grad_accum=2", f"train.optimizer={optimizer}"]
 
@@ -114,16 +114,25 @@ def test_two_processes_match_one(parallel, corpus, data_cache, reference_run, tm
     assert len(list((wandb_dir / "wandb").glob("offline-run-*"))) == (parallel == "ddp")
 
 
+@pytest.fixture(scope="module")
+def muon_reference_run(corpus, data_cache, tmp_path_factory) -> Path:
+    """reference_run with the default optimizer."""
+    out = tmp_path_factory.mktemp("muon_reference") / "run"
+    train.run(compose_config(overrides(corpus, data_cache, out, optimizer="muon")))
+    return out
+
+
 @pytest.mark.slow
-def test_ddp_with_muon_matches_one(corpus, data_cache, tmp_path):
-    """The default optimizer under DDP: every rank orthogonalises the same all-reduced gradients."""
-    one, two = tmp_path / "one", tmp_path / "ddp"
-    train.run(compose_config(overrides(corpus, data_cache, one, optimizer="muon")))
-    ok(torchrun(overrides(corpus, data_cache, two, optimizer="muon") + ["train.parallel=ddp"], 2, tmp_path))
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_with_muon_match_one(parallel, corpus, data_cache, muon_reference_run, tmp_path):
+    """The default optimizer: under DDP every rank orthogonalises the same all-reduced gradients; under FSDP2
+    each matrix is gathered whole on one rank, orthogonalised there and scattered back in shards."""
+    out = tmp_path / parallel
+    ok(torchrun(overrides(corpus, data_cache, out, optimizer="muon") + [f"train.parallel={parallel}"], 2, tmp_path))
     # The all-reduce sums the gradients in another order, and AdamW turns that rounding into larger weight
     # differences where a gradient's second moment is near zero (the LM head's rarely seen tokens): the
     # largest differences measured were 1.5e-5 with our CPU attention kernel, 3.9e-6 with SDPA, against 1e-5.
-    assert_same_run(two, one, weight_atol=5e-5)
+    assert_same_run(out, muon_reference_run, weight_atol=5e-5)
 
 
 def test_fail_together(tmp_path):
@@ -195,3 +204,66 @@ def test_rank0_data_error_stops_every_rank(corpus, data_cache, tmp_path):
     proc = torchrun(args + [f"data.path={tmp_path / 'missing'}"], 2, tmp_path)
     one_error_line(proc, "does not exist")
     assert not any((tmp_path / "o").iterdir())  # Hydra created the folder; nothing was written into it
+
+
+def test_muon_on_fsdp_shards_steps_like_one_process(tmp_path):
+    """Muon under FSDP2, where each rank holds a block of rows of every matrix (the last block shorter or
+    empty), takes exactly the steps it takes on whole matrices in one process; each rank orthogonalises a
+    share of the matrices; the state saves and loads through torch.distributed.checkpoint's full state
+    dicts (training/distributed.py, what checkpoints and resume use)."""
+    shapes = [(5, 3), (1, 4), (8, 8), (6, 20), (20, 6)]  # odd row counts; rank 1 holds no row of (1, 4)
+    script = tmp_path / "fsdp_muon.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        import torch
+        import torch.distributed as dist
+        sys.path.insert(0, {str(ROOT)!r})
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import distribute_tensor
+        from training.distributed import full_state, init_distributed, load_full_state, shutdown
+        from training.optim import Muon, orthogonalise_sharded
+
+        SHAPES = {shapes!r}
+
+        def build(fsdp, state=None):
+            torch.manual_seed(0)
+            params = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(s)) for s in SHAPES)
+            if fsdp:
+                fully_shard(params)
+            opt = Muon(list(params), lr=0.05, weight_decay=0.1)
+            if state is not None:
+                load_full_state(params, opt, *state)
+            return params, opt
+
+        def step(params, opt, grads):
+            for p, g in zip(params, grads):
+                p.grad = distribute_tensor(g, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else g
+            opt.step()
+
+        info = init_distributed("cpu")
+        torch.manual_seed(1)
+        grads = [[torch.randn(s) for s in SHAPES] for _ in range(3)]
+        (sharded, opt), (whole, whole_opt) = build(fsdp=True), build(fsdp=False)
+        for g in grads[:2]:
+            step(sharded, opt, g)
+            step(whole, whole_opt, g)
+        state = [full_state(sharded, opt)]  # rank 0's, as a checkpoint; every rank reads it, as on resume
+        dist.broadcast_object_list(state, src=0)
+        saved = [state[0][1]["state"][str(i)]["momentum_buffer"] for i in range(len(SHAPES))]
+        same_state = all(torch.equal(m, whole_opt.state[w]["momentum_buffer"]) for m, w in zip(saved, whole))
+        sharded, opt = build(fsdp=True, state=state[0])
+        step(sharded, opt, grads[2])
+        step(whole, whole_opt, grads[2])
+        seen = []
+        orthogonalise_sharded([p.grad for p in sharded], lambda x: seen.append(list(x.shape)) or x)
+        results = {{"same_weights": all(torch.equal(p.full_tensor(), w) for p, w in zip(sharded, whole)),
+                   "same_state": same_state,
+                   "orthogonalised": seen}}
+        open(sys.argv[1] + f"/rank{{info.rank}}.json", "w").write(json.dumps(results))
+        shutdown(info)
+    """))
+    ok(torchrun([str(tmp_path)], 2, tmp_path, script=script))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["same_weights"] and r1["same_weights"] and r0["same_state"] and r1["same_state"]
+    owned = sorted(map(tuple, r0["orthogonalised"])), sorted(map(tuple, r1["orthogonalised"]))
+    assert owned[0] and owned[1] and sorted(owned[0] + owned[1]) == sorted(shapes), owned  # each matrix once

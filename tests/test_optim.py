@@ -1,11 +1,13 @@
 """train.optimizer=muon: which parameters Muon gets, and that the schedule drives both optimizers."""
 
+from unittest import mock
+
 import pytest
 import torch
 
 from model import ModelConfig, Transformer
 from training.config import TrainConfig
-from training.optim import Muon, build_optimizer, lr_at, newton_schulz
+from training.optim import NS_COEFFICIENTS, NS_EPS, NS_STEPS, Muon, build_optimizer, lr_at, newton_schulz
 
 HIDDEN = {"attn.wqkv.weight", "attn.wo.weight", "ffn.w13.weight", "ffn.w2.weight",  # MHA/GQA/MQA
           "attn.wq.weight", "attn.wkv_a.weight", "attn.wkv_b.weight"}  # MLA
@@ -32,7 +34,6 @@ def test_muon_gets_the_hidden_matrices_and_adamw_the_rest(attention, tie):
     assert {"embed.weight", "norm.weight"} <= to_adamw and ("lm_head.weight" in to_adamw) != tie
     decayed = {name[id(p)] for g in adamw.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == (set() if tie else {"lm_head.weight"})
-    assert muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
     # adamw: a single AdamW over everything, as before the option existed.
     (only,) = build_optimizer(model, TrainConfig(optimizer="adamw"), "cpu")
     assert isinstance(only, torch.optim.AdamW) and sum(len(g["params"]) for g in only.param_groups) == len(name)
@@ -58,14 +59,51 @@ def test_muon_steps_move_hidden_matrices_by_the_adamw_matched_rms():
             assert 0.6 * 0.2 * lr < rms < 1.25 * 0.2 * lr, (n, rms / (0.2 * lr))
 
 
+def quintic(g: torch.Tensor, coefficients: tuple, steps: int, eps: float) -> torch.Tensor:
+    """Newton-Schulz's quintic iteration as written, X <- a X + (b A + c A^2) X with A = X X^T, in float64."""
+    a, b, c = coefficients
+    x = g.double().T if g.size(0) > g.size(1) else g.double()
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if g.size(0) > g.size(1) else x).to(g.dtype)
+
+
+def test_muon_takes_torchs_steps():
+    """Our Muon against torch.optim.Muon (Nesterov, match_rms_adamw, decoupled weight decay) on the same
+    matrices and gradients, torch's bfloat16 Newton-Schulz swapped for the float64 iteration here, so that
+    the rest of the step is compared closely: momentum, look-ahead, scale, decay, state."""
+    torchs = torch.optim.Muon([torch.nn.Parameter(torch.ones(2, 2))]).defaults
+    assert (torchs["ns_coefficients"], torchs["ns_steps"], torchs["eps"]) == (NS_COEFFICIENTS, NS_STEPS, NS_EPS)
+    torch.manual_seed(0)
+    shapes = [(96, 32), (32, 96), (48, 48)]  # tall, wide (the Gram-matrix path), square
+    start = [torch.randn(s) for s in shapes]
+    mine, ref = [torch.nn.Parameter(w.clone()) for w in start], [torch.nn.Parameter(w.clone()) for w in start]
+    opts = [Muon(mine, lr=0.02, weight_decay=0.1),
+            torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")]
+    with mock.patch("torch.optim._muon._zeropower_via_newtonschulz", quintic):
+        for lr in (0.02, 0.05, 0.01):
+            grads = [torch.randn(s) for s in shapes]
+            for params, opt in zip((mine, ref), opts):
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+                opt.param_groups[0]["lr"] = lr
+                opt.step()
+    for p, r, w in zip(mine, ref, start):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=0, atol=1e-5 * (r.detach() - w).abs().max().item())
+        assert opts[0].state[p].keys() == opts[1].state[r].keys() == {"momentum_buffer"}  # one checkpoint format
+        assert torch.equal(opts[0].state[p]["momentum_buffer"], opts[1].state[r]["momentum_buffer"])
+
+
 def test_float32_muon_matches_torchs_bfloat16_muon():
-    """Our Muon only moves Newton-Schulz from bfloat16 to float32: its steps agree with torch.optim.Muon's to
-    bfloat16 precision (and its orthogonalisation is closer to the exact one, the SVD's U V^T)."""
+    """Unpatched, torch's Muon runs Newton-Schulz in bfloat16: our float32 steps agree with its steps to
+    bfloat16 precision (and our orthogonalisation is closer to the exact one, the SVD's U V^T)."""
     torch.manual_seed(0)
     w = torch.randn(96, 32)
     mine, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
-    opts = [Muon([mine], lr=0.02, adjust_lr_fn="match_rms_adamw"),
-            torch.optim.Muon([ref], lr=0.02, adjust_lr_fn="match_rms_adamw")]
+    opts = [Muon([mine], lr=0.02, weight_decay=0.1),
+            torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")]
     for _ in range(3):
         g = torch.randn(96, 32)
         for p, opt in zip((mine, ref), opts):
@@ -73,12 +111,10 @@ def test_float32_muon_matches_torchs_bfloat16_muon():
             opt.step()
     moved = (ref.detach() - w).norm()
     assert (mine.detach() - ref.detach()).norm() < 0.02 * moved
-    assert set(opts[0].state[mine]) == set(opts[1].state[ref]) == {"momentum_buffer"}  # one checkpoint format
     g = torch.randn(96, 32, dtype=torch.float64)
     u, _, vt = torch.linalg.svd(g, full_matrices=False)
-    coeffs = opts[0].param_groups[0]["ns_coefficients"]
-    ours = newton_schulz(g.float(), coeffs, 5, 1e-7).double()
-    theirs = torch.optim._muon._zeropower_via_newtonschulz(g.float(), coeffs, 5, 1e-7).double()
+    ours = newton_schulz(g.float(), NS_COEFFICIENTS, NS_STEPS, NS_EPS).double()
+    theirs = torch.optim._muon._zeropower_via_newtonschulz(g.float(), NS_COEFFICIENTS, NS_STEPS, NS_EPS).double()
     # the quintic leaves singular values in about [0.7, 1.2]: compare the directions, not the values
     cos = lambda a, b: (a * b).sum() / (a.norm() * b.norm())  # noqa: E731
     assert cos(ours, u @ vt) > 0.95 and cos(ours, theirs) > 0.999
@@ -86,17 +122,11 @@ def test_float32_muon_matches_torchs_bfloat16_muon():
 
 @pytest.mark.parametrize("shape", [(48, 200), (200, 48), (64, 96), (64, 64)])  # Gram path, Gram path, the plain one
 def test_newton_schulz_is_the_quintic_iteration(shape):
-    """newton_schulz against the iteration itself in float64, X <- a X + (b A + c A^2) X with A = X X^T, on
-    the matrix as given (wide shapes take the Gram-matrix path, which reorders the products)."""
+    """newton_schulz against the iteration itself in float64, on the matrix as given (wide shapes take the
+    Gram-matrix path, which reorders the products)."""
     torch.manual_seed(0)
     g = torch.randn(shape, dtype=torch.float64)
-    a, b, c = torch.optim.Muon([torch.nn.Parameter(g.float())]).param_groups[0]["ns_coefficients"]
-    x = g.T if shape[0] > shape[1] else g
-    x = x / x.norm()
-    for _ in range(5):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    ref = x.T if shape[0] > shape[1] else x
-    ours = newton_schulz(g.float(), (a, b, c), 5, 1e-7)
+    ref = quintic(g, NS_COEFFICIENTS, NS_STEPS, 0.0)
+    ours = newton_schulz(g.float(), NS_COEFFICIENTS, NS_STEPS, NS_EPS)
     assert ours.dtype == torch.float32 and ours.shape == shape
     torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())

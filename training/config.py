@@ -34,9 +34,8 @@ class TrainConfig:
     batch_size: int = 32  # global sequences per optimizer step, whatever the number of processes
     seq_len: int = 128  # tokens per sequence (<= model.max_seq_len)
     grad_accum: int = 1  # micro-batches per step: each process runs batch_size / (world * grad_accum)
-    # muon | adamw. muon: torch.optim.Muon for the attention and SwiGLU matrices, AdamW for embeddings, norms
-    # and the head (training/optim.py); lower val loss in the same minutes (docs/recipe.md). train.parallel=fsdp
-    # needs adamw
+    # muon | adamw. muon: Muon for the attention and SwiGLU matrices, AdamW for embeddings, norms and the head
+    # (training/optim.py); lower val loss in the same minutes (docs/recipe.md)
     optimizer: str = "muon"
     # peak learning rate (Muon's too: its update is scaled to AdamW's RMS). 4e-3: in make train's budget,
     # below 1e-3 and 2e-3 and level with 8e-3 (docs/recipe.md)
@@ -149,10 +148,6 @@ def check_options(cfg) -> None:
         raise TrainConfigError(f"train.compile={t.compile} must be true, false or auto")
     if t.optimizer not in OPTIMIZERS:
         raise TrainConfigError(f"unknown train.optimizer '{t.optimizer}': choose adamw or muon")
-    # Muon orthogonalises each whole matrix; FSDP gives each rank a shard of it (a DTensor).
-    if t.optimizer == "muon" and t.parallel == "fsdp":
-        raise TrainConfigError("train.optimizer=muon needs whole matrices, which train.parallel=fsdp shards: "
-                               "use train.parallel=ddp or train.optimizer=adamw")
     if cfg.wandb.mode not in WANDB_MODES:
         raise TrainConfigError(f"unknown wandb.mode '{cfg.wandb.mode}': choose offline, online or disabled")
     if not (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:") and t.device[5:].isdigit()):

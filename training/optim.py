@@ -2,10 +2,10 @@
 schedules."""
 
 import math
-from unittest import mock
 
 import torch
-import torch.optim._muon  # the Newton-Schulz function that Muon below replaces on CPU
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
 from .config import TrainConfig
 
@@ -28,20 +28,25 @@ class Optimizers(tuple):
             opt.zero_grad(set_to_none=set_to_none)
 
 
-def newton_schulz(grad: torch.Tensor, ns_coefficients: tuple, ns_steps: int, eps: float) -> torch.Tensor:
-    """torch's Newton-Schulz orthogonalisation (torch.optim._muon._zeropower_via_newtonschulz: the same
-    quintic, coefficients and steps) in float32 instead of bfloat16, and on the Gram matrix where that is
-    cheaper."""
+# Keller Jordan's quintic Newton-Schulz (https://kellerjordan.github.io/posts/muon/), torch.optim.Muon's defaults
+NS_COEFFICIENTS, NS_STEPS, NS_EPS = (3.4445, -4.7750, 2.0315), 5, 1e-7
+
+
+def newton_schulz(grad: torch.Tensor, ns_coefficients: tuple, ns_steps: int, eps: float,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """torch.optim.Muon's Newton-Schulz orthogonalisation (the same quintic, coefficients and steps) in
+    `dtype`, and in float32 on the Gram matrix where that is cheaper."""
     a, b, c = ns_coefficients
-    x = grad.float()
+    x = grad.to(dtype)
     x = x.T if grad.size(0) > grad.size(1) else x  # m x n with m <= n: iterate on the m x m Gram matrix
     x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
     m, n = x.shape
     # Each step is X <- (a I + b A + c A^2) X with A = X X^T: 4mn + 2m^2 FLOPs per row of X. So X_k is
     # Q_k X_0, Q_k a polynomial in G = X_0 X_0^T (symmetric, commuting with G), and the steps can run on Q
     # alone: A = Q G Q, 8m^2 per row, with X_0 touched twice in all. Cheaper for wide matrices (n > 1.9 m at
-    # 5 steps), such as SwiGLU's: 1.9x fewer FLOPs for make train's gate-and-up matrix (192 x 1024).
-    if 4 * n + 8 * m * ns_steps < ns_steps * (4 * n + 2 * m):
+    # 5 steps), such as SwiGLU's: 1.9x fewer FLOPs for make train's gate-and-up matrix (192 x 1024). Measured
+    # in float32 only: bfloat16 keeps torch's plain iteration.
+    if dtype == torch.float32 and 4 * n + 8 * m * ns_steps < ns_steps * (4 * n + 2 * m):
         g, q = x @ x.T, torch.eye(m, device=x.device)
         for _ in range(ns_steps):
             gram = q @ g @ q
@@ -54,19 +59,93 @@ def newton_schulz(grad: torch.Tensor, ns_coefficients: tuple, ns_steps: int, eps
     return (x.T if grad.size(0) > grad.size(1) else x).to(grad.dtype)
 
 
-class Muon(torch.optim.Muon):
-    """torch.optim.Muon (its options, checks, state and update), orthogonalising in float32 on CPU.
+def orthogonalise(update: torch.Tensor) -> torch.Tensor:
+    """Muon's Newton-Schulz, in float32 on CPU and bfloat16 elsewhere (torch's choice, right for GPUs). A CPU
+    without bf16 matrix units emulates bfloat16, about 20 times slower than float32 (measured on this
+    project's CPU: 3 s vs 0.15 s for one 1024 x 192 matrix)."""
+    dtype = torch.float32 if update.device.type == "cpu" else torch.bfloat16
+    return newton_schulz(update, NS_COEFFICIENTS, NS_STEPS, NS_EPS, dtype)
 
-    torch runs Newton-Schulz in bfloat16, right for GPUs; a CPU without bf16 matrix units emulates it,
-    about 20 times slower than float32 (measured on this project's CPU: 3 s vs 0.15 s for one 1024 x 192
-    matrix), which made a muon step of model/tiny twice as long as an adamw one."""
+
+def owners(shapes: list, world: int) -> list[int]:
+    """The rank that orthogonalises each matrix: the largest first, each to the least loaded rank (a
+    Newton-Schulz step costs about m n min(m, n)), so that the ranks finish together."""
+    cost = [s[0] * s[1] * min(s) for s in shapes]
+    load, owner = [0] * world, [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: -cost[i]):  # stable: the same order on every rank
+        owner[i] = load.index(min(load))
+        load[owner[i]] += cost[i]
+    return owner
+
+
+def orthogonalise_sharded(updates: list[DTensor], ortho=orthogonalise) -> list[DTensor]:
+    """`ortho` of each whole matrix under FSDP2, where each rank holds a block of rows of every matrix
+    (Shard(0): torch.chunk's blocks, the last ones shorter or empty).
+
+    Distributed Muon ("Muon is Scalable for LLM Training", Moonshot 2025) gathers each matrix whole,
+    orthogonalises it and keeps the local rows. Here each matrix is gathered on one rank, its owner; the
+    owners orthogonalise their matrices at the same time, each a share of the work, and scatter the rows
+    back. The results are those of one process: the same matrices through the same function."""
+    mesh = updates[0].device_mesh
+    if mesh.ndim != 1 or any(u.placements != (Shard(0),) for u in updates):
+        raise NotImplementedError("Muon under FSDP needs FSDP2's default sharding (dim 0 over a 1-D mesh)")
+    group, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    owner = owners([u.shape for u in updates], world)
+    block = [-(-u.shape[0] // world) for u in updates]  # rows per rank, the last ranks' padded up to it
+    mine = [pad_rows(u.to_local(), b) for u, b in zip(updates, block)]
+    gathered = [[torch.empty_like(x) for _ in range(world)] if o == rank else None for x, o in zip(mine, owner)]
+    wait([dist.gather(x, g, group_dst=o, group=group, async_op=True) for x, g, o in zip(mine, gathered, owner)])
+    results = [pad_rows(ortho(torch.cat(g)[:u.shape[0]]), b * world).split(b) if g is not None else None
+               for u, g, b in zip(updates, gathered, block)]
+    wait([dist.scatter(x, None if r is None else list(r), group_src=o, group=group, async_op=True)
+          for x, r, o in zip(mine, results, owner)])
+    return [DTensor.from_local(x[:u.to_local().shape[0]], mesh, u.placements, shape=u.shape, stride=u.stride())
+            for x, u in zip(mine, updates)]
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with zero rows appended up to `rows`, in contiguous memory (gloo sends a transposed view's storage
+    as it lies: tall matrices leave newton_schulz transposed)."""
+    return torch.nn.functional.pad(x, (0, 0, 0, rows - x.shape[0])).contiguous()
+
+
+def wait(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (momentum orthogonalised by Newton-Schulz) for 2-D parameters: torch.optim.Muon's update with
+    Nesterov momentum and match_rms_adamw, and its state (one "momentum_buffer" per matrix, so the
+    checkpoints are the same), orthogonalising in float32 on CPU (see orthogonalise) and, under FSDP2,
+    on whole matrices gathered across ranks (orthogonalise_sharded). tests/test_optim.py checks it against
+    torch.optim.Muon. Our own rather than a subclass: torch's has no hook for the orthogonalisation (only
+    its private _zeropower_via_newtonschulz, called one matrix at a time), and under FSDP a step's matrices
+    are orthogonalised together, spread over the ranks."""
+
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+        if any(p.ndim != 2 for group in self.param_groups for p in group["params"]):
+            raise ValueError("Muon takes matrices only: give other parameters to AdamW")
 
     @torch.no_grad()
-    def step(self, closure=None):
-        if self.param_groups[0]["params"][0].device.type != "cpu":
-            return super().step(closure)
-        with mock.patch.object(torch.optim._muon, "_zeropower_via_newtonschulz", newton_schulz):
-            return super().step(closure)
+    def step(self, closure=None):  # closure: in torch's signature (torch.distributed.checkpoint passes None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = self.state[p]["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                updates.append(p.grad.lerp(buf, group["momentum"]))  # Nesterov: a step ahead along the momentum
+            sharded = bool(updates) and isinstance(updates[0], DTensor)
+            for p, update in zip(params, orthogonalise_sharded(updates) if sharded else map(orthogonalise, updates)):
+                # match_rms_adamw: an orthogonal A x B matrix has RMS 1/sqrt(max(A, B)); the scale gives the
+                # update the RMS of a typical AdamW update, 0.2 lr, so that both share train.lr.
+                scale = 0.2 * math.sqrt(max(p.shape))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
 
 
 def is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
@@ -99,10 +178,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) 
     opts = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                               fused=device_type in ("cuda", "cpu"))]
     if muon:
-        # match_rms_adamw scales each matrix's update to the RMS AdamW's would have (0.2 * sqrt(max(A, B))),
-        # so Muon shares train.lr, its schedule and the decoupled weight decay with AdamW (Moonshot's
-        # "Muon is Scalable for LLM Training"): one LR to tune, not two.
-        opts.append(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
+        # Muon scales each matrix's update to the RMS AdamW's would have (match_rms_adamw), so it shares
+        # train.lr, its schedule and the decoupled weight decay with AdamW (Moonshot's "Muon is Scalable for
+        # LLM Training"): one LR to tune, not two.
+        opts.append(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay))
     return Optimizers(opts)
 
 
