@@ -139,13 +139,21 @@ def _install(root: Path, tmp: Path, final: Path) -> None:
     _fsync(root)
     shutil.rmtree(final)
     staged = root / f"{TMP_PREFIX}{final.name}.linked"
-    shutil.copytree(tmp, staged, copy_function=os.link)
+    shutil.copytree(tmp, staged, copy_function=_link_or_copy)
     _fsync(staged)
     os.replace(staged, final)
     for link in links:
         _point(link, final.name)
     _fsync(root)
     shutil.rmtree(tmp)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link, or a copy on a filesystem without them."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _prune(root: Path, step: int, keep_last: int) -> None:

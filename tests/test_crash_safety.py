@@ -212,3 +212,21 @@ def test_saving_a_step_again_keeps_latest_whole_at_every_moment(tmp_path, monkey
         assert {p.name for p in root.glob(".tmp*")} <= {os.readlink(root / "best")}  # only what `best` still names
         assert load_checkpoint(root / "best").trainer_state() == {"step": 2}, kill_at
     assert kill_at > 5  # the save was killed at every one of its (more than 5) operations before it finished
+
+
+def test_saving_a_step_again_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    """The re-save above rebuilds the step folder from hard links; where the filesystem has none (os.link
+    fails, as on some network and FAT mounts) it copies the files instead of failing."""
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text("{}")
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 2, {"w": torch.zeros(3)}, {"step": 2}, {"model": {}}, tokenizer, False, best=True)
+
+    def no_links(*args, **kw):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(store.os, "link", no_links)
+    save_checkpoint(root, 2, {"w": torch.ones(3)}, {"step": 2}, {"model": {}}, tokenizer, False)
+    for link in ("latest", "best"):
+        assert torch.equal(load_checkpoint(root / link).model_state["w"], torch.ones(3)), link
+    assert not list(root.glob(".tmp*"))

@@ -236,6 +236,7 @@ def test_best_is_the_lowest_evaluation_even_between_saves(corpus, data_cache, tm
     ("attention.backend=cpu train.device=mps", "attention.backend=cpu is our C++ kernel for CPU training"),
     ("train.optimizer=sgd", "unknown train.optimizer 'sgd': choose adamw or muon"),
     ("train.compile=maybe", "train.compile=maybe must be true, false or auto"),
+    ("train.discard_later_checkpoints=true", "train.discard_later_checkpoints=true applies to train.resume=PATH"),
 ])
 def test_bad_option_is_refused_before_any_work(option, message, corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would make triton usable on CPU

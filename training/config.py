@@ -140,6 +140,9 @@ def check_options(cfg) -> None:
         raise TrainConfigError(f"train.peak_tflops={t.peak_tflops} must be positive (or null to estimate it)")
     if t.max_minutes is not None and t.max_minutes <= 0:
         raise TrainConfigError(f"train.max_minutes={t.max_minutes} must be positive (or null for no time budget)")
+    if t.discard_later_checkpoints and t.resume in (False, True, "auto"):
+        raise TrainConfigError("train.discard_later_checkpoints=true applies to train.resume=PATH (a checkpoint "
+                               f"folder), not train.resume={t.resume}: drop it, or name the checkpoint to resume from")
     if t.schedule not in SCHEDULES:
         raise TrainConfigError(f"unknown train.schedule '{t.schedule}': choose cosine or wsd")
     if t.parallel not in PARALLEL_MODES:
