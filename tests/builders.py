@@ -1,6 +1,7 @@
 """Small builders for the tests: a tiny random model and a complete checkpoint folder."""
 
 import copy
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import save_checkpoint
+from data.chat import CHAT_TEMPLATE, TEMPLATE_FILE, add_chat_tokens
 from data.tokenizer import train_tokenizer
 from model import ModelConfig, Transformer
 
@@ -40,12 +42,17 @@ def train_tiny_tokenizer(vocab_size: int = 300):
     return train_tokenizer(text * 20, vocab_size)
 
 
-def write_checkpoint(root: Path, attention: str = "gqa", seed: int = 0, step: int = 1, **overrides) -> Path:
-    """A run folder `root` with checkpoints/latest holding a tiny random model and its tokenizer."""
+def write_checkpoint(root: Path, attention: str = "gqa", seed: int = 0, step: int = 1, chat: bool = False,
+                     **overrides) -> Path:
+    """A run folder `root` with checkpoints/latest holding a tiny random model and its tokenizer; chat: the
+    tokenizer has the chat tokens, and the chat template is saved beside it (as data=chat does)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tok = train_tiny_tokenizer()
     tok_path = root / "tokenizer.json"
+    if chat:
+        add_chat_tokens(tok)
+        (root / TEMPLATE_FILE).write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     tok.save(str(tok_path))
     vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1
     model = tiny_model(attention, seed=seed, vocab_size=vocab, **overrides)
