@@ -106,6 +106,8 @@ def wandb_run_args(ckpt: str) -> dict:
 
 
 def log_to_wandb(results: dict, ckpt: str) -> None:
+    """The harness's own wandb logging: <task>/<metric> (in the run's summary too), its results table and
+    JSON artifact, the samples with --log_samples."""
     import wandb
     from lm_eval.loggers import WandbLogger
 

@@ -281,23 +281,47 @@ def test_bad_input_is_one_line_error(models, tmp_path, capsys, monkeypatch):
 
 # ---- during training ------------------------------------------------------------------------------------
 
-def test_train_eval_tasks_are_logged_at_each_evaluation(corpus, data_cache, tmp_path, capsys):
+def wandb_summary(run_folder: Path) -> dict:
+    """The summary records of an offline wandb run folder (tests/test_train.py reads the file)."""
+    from wandb.proto import wandb_internal_pb2
+
+    from test_train import read_wandb_records
+
+    summary = {}
+    for data in read_wandb_records(next(run_folder.glob("*.wandb"))):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        if rec.WhichOneof("record_type") == "summary":
+            summary.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.summary.update})
+    return summary
+
+
+@pytest.mark.slow  # ~25 s: a tiny training run with wandb offline, then eval.py --wandb
+def test_train_eval_tasks_are_logged_at_each_evaluation(corpus, data_cache, tmp_path, monkeypatch):
     """train.eval_tasks=[task files]: each evaluation logs <task>/<metric>; the last one (the final weights)
-    equals eval.py on the final checkpoint."""
+    equals eval.py on the final checkpoint, which --wandb adds to the run's own (offline) wandb run."""
     tasks = tmp_path / "tasks"
     write_tasks(tasks)
     out = tmp_path / "run"
     import train
 
+    monkeypatch.setenv("WANDB_MODE", "offline")
     names = [str(tasks / f"{t}.yaml") for t in TASKS]
-    train.run(compose_config(tiny_overrides(corpus, data_cache, out) +
+    train.run(compose_config(tiny_overrides(corpus, data_cache, out) + ["wandb.mode=offline"] +
                              ["train.eval_tasks=[" + ",".join(f"'{n}'" for n in names) + "]"]))
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     assert [r["step"] for r in evals] == [3, 6]
     keys = {"tiny_mc/acc", "tiny_mc/acc_norm", "tiny_ppl/bits_per_byte", "tiny_gen/exact_match"}
     assert all(keys <= set(r) for r in evals)
     assert evals[0]["tiny_ppl/bits_per_byte"] != evals[1]["tiny_ppl/bits_per_byte"]  # scored on the new weights
-    got = ours(out, tasks, tmp_path / "final.json")["results"]
+    trained = set((out / "wandb").glob("offline-run-*"))
+    assert eval_main(["--ckpt", str(out), "--tasks", ",".join(TASKS), "--include_path", str(tasks),
+                      "--output_path", str(tmp_path / "final.json"), "--wandb"]) == 0
+    got = json.loads((tmp_path / "final.json").read_text())["results"]
+    [logged] = set((out / "wandb").glob("offline-run-*")) - trained
+    assert logged.name.endswith("-" + (out / "wandb_run_id").read_text().strip())  # the training run's id
+    summary = wandb_summary(logged)
     for key in keys:
         task, metric = key.split("/")
         assert evals[1][key] == pytest.approx(got[task][f"{metric},none"], rel=1e-6)
+        assert summary[key] == pytest.approx(got[task][f"{metric},none"], rel=1e-6)
