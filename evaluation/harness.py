@@ -74,7 +74,8 @@ class EngineLM(TemplateLM):
             starts.append(len(ids) - len(continuation))
         results = [None] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
-            for wave in context_waves(prompts, starts, self.llm.max_num_seqs):
+            # Half the KV cache keeps the contexts of a wave for the next one, which runs in the other half.
+            for wave in context_waves(prompts, starts, self.llm.block_size, self.llm.num_blocks // 2):
                 params = [SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=1,
                                          prompt_logprobs_start=starts[i]) for i in wave]
                 for i, out in zip(wave, self.llm.generate([prompts[i] for i in wave], params)):
@@ -136,19 +137,24 @@ class EngineLM(TemplateLM):
             raise EvalError(f"generation_kwargs: {e}") from None
 
 
-def context_waves(prompts: list[list[int]], starts: list[int], size: int) -> list[list[int]]:
-    """The requests (indices) in waves for the engine: for each `size` distinct contexts (prompt[:start]),
-    one request per context, then the others sharing them. A context's blocks enter the prefix cache once
-    the forward that computed them has run, so the second wave finds them there (requests of one wave may
-    share a step, and each would compute the context); `size`, the engine's batch, bounds what the cache
-    holds from one wave to the next."""
+def context_waves(prompts: list[list[int]], starts: list[int], block_size: int, max_blocks: int) -> list[list[int]]:
+    """The requests (indices) in waves for the engine: for distinct contexts (prompt[:start]) whose blocks
+    fill at most max_blocks, one request per context, then the others sharing them. A context's blocks
+    enter the prefix cache once the forward that computed them has run, so the second wave finds them
+    there (requests of one wave may share a step, and each would compute the context) while it has the
+    rest of the cache for its own blocks."""
     by_context = defaultdict(list)
     for i, (prompt, start) in enumerate(zip(prompts, starts)):
         by_context[tuple(prompt[:start])].append(i)
-    groups, waves = list(by_context.values()), []
-    for k in range(0, len(groups), size):
-        chunk = groups[k:k + size]
-        waves += [[g[0] for g in chunk], [i for g in chunk for i in g[1:]]]
+    chunks, used = [[]], 0
+    for group in by_context.values():
+        need = -(-starts[group[0]] // block_size)
+        if chunks[-1] and used + need > max_blocks:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(group)
+        used += need
+    waves = [wave for chunk in chunks for wave in ([g[0] for g in chunk], [i for g in chunk for i in g[1:]])]
     return [wave for wave in waves if wave]
 
 

@@ -153,14 +153,9 @@ def hf_args(hf: Path) -> dict:
     return {"pretrained": str(hf), "max_length": CONTEXT - 2, "dtype": "float32", "device": "cpu"}
 
 
-def test_agrees_with_lm_eval_hf_on_the_export(models, tmp_path):
-    run, hf, tasks, info = models("gqa")
-    assert_agree(ours(run, tasks, tmp_path / "ours.json"), reference("hf", hf_args(hf), tasks), info)
-
-
-@pytest.mark.slow  # ~40 s: the MLA export runs through transformers' DeepseekV3ForCausalLM
-def test_mla_agrees_with_lm_eval_hf_on_the_export(models, tmp_path):
-    run, hf, tasks, info = models("mla")
+@pytest.mark.parametrize("attention", ["gqa", "mla"])  # MLA: the export is DeepseekV3ForCausalLM
+def test_agrees_with_lm_eval_hf_on_the_export(models, attention, tmp_path):
+    run, hf, tasks, info = models(attention)
     assert_agree(ours(run, tasks, tmp_path / "ours.json"), reference("hf", hf_args(hf), tasks), info)
 
 
