@@ -24,6 +24,7 @@ inputs lose their left end, as in the harness.
 """
 
 import difflib
+import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -38,11 +39,15 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from engine import LLM, SamplingParams
+from engine.sampler import request_seed
 
 from . import EvalError
 
 # generation_kwargs of a task that map onto SamplingParams (besides until, max_gen_toks and do_sample)
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# Every request has its own seed (request i of a call: request_seed(SEED, i), as generate.py seeds), so
+# a sampling task's results do not depend on torch's global generator, which is left alone (training's).
+SEED = 1234  # the harness's default seed
 
 
 class EngineLM(TemplateLM):
@@ -77,7 +82,7 @@ class EngineLM(TemplateLM):
             # Half the KV cache keeps the contexts of a wave for the next one, which runs in the other half.
             for wave in context_waves(prompts, starts, self.llm.block_size, self.llm.num_blocks // 2):
                 params = [SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=1,
-                                         prompt_logprobs_start=starts[i]) for i in wave]
+                                         prompt_logprobs_start=starts[i], seed=0) for i in wave]
                 for i, out in zip(wave, self.llm.generate([prompts[i] for i in wave], params)):
                     scored = list(zip(prompts[i][starts[i]:], out.prompt_logprobs[starts[i]:]))
                     results[i] = (sum(lp.logprob for _, lp in scored), all(lp.top[0][0] == tok for tok, lp in scored))
@@ -107,8 +112,8 @@ class EngineLM(TemplateLM):
         """Every request through the engine at once; each text ends before its first stop string."""
         eos = self.llm.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
         prompts, params = [], []
-        for context, gen_kwargs in (r.args for r in requests):
-            p = self.sampling_params(gen_kwargs, eos)
+        for i, (context, gen_kwargs) in enumerate(r.args for r in requests):
+            p = self.sampling_params(gen_kwargs, eos, request_seed(SEED, i))
             # The left end goes to leave room for the new tokens, as in the harness's hf model.
             prompts.append(self.tok_encode(context)[-(self.max_length - p.max_new_tokens):] or [self.prefix_token_id])
             params.append(p)
@@ -117,7 +122,7 @@ class EngineLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", r.args, out.text)
         return [out.text for out in outs]
 
-    def sampling_params(self, gen_kwargs: dict, eos: str) -> SamplingParams:
+    def sampling_params(self, gen_kwargs: dict, eos: str, seed: int) -> SamplingParams:
         """A task's generation_kwargs as SamplingParams (the harness's own normalisation: do_sample false
         means temperature 0, max_gen_toks and its aliases, the end-of-text string added to the stops)."""
         kw = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
@@ -132,7 +137,7 @@ class EngineLM(TemplateLM):
             raise EvalError(f"generation_kwargs {unknown} are not supported (eval.py takes until, max_gen_toks, "
                             f"do_sample and {', '.join(SAMPLING_KEYS)})")
         try:
-            return SamplingParams(max_new_tokens=max_new, stop=stop, **kw)
+            return SamplingParams(max_new_tokens=max_new, stop=stop, seed=seed, **kw)
         except ValueError as e:
             raise EvalError(f"generation_kwargs: {e}") from None
 
@@ -198,28 +203,32 @@ def load_tasks(names: list[str], include_path: Optional[str] = None) -> tuple[Ta
     return manager, top + [t for n, t in loaded["tasks"].items() if n not in children]
 
 
-def run_tasks(lm: EngineLM, manager: TaskManager, tasks: list, limit: Optional[float] = None,
-              log_samples: bool = False, bootstrap_iters: int = 100000) -> dict:
-    """The harness's evaluation of `tasks` (from load_tasks) with `lm`: its results dict."""
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=log_samples,
-                           bootstrap_iters=bootstrap_iters, batch_size=lm.llm.max_num_seqs)
+def run_tasks(lm: EngineLM, manager: TaskManager, tasks: list, limit: Optional[float] = None, **options) -> dict:
+    """The harness's evaluation of `tasks` (from load_tasks) with `lm`: its results dict. options: the
+    harness's simple_evaluate's (log_samples, bootstrap_iters, the seeds it sets, ...)."""
+    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, batch_size=lm.llm.max_num_seqs,
+                           **options)
 
 
 def flat_metrics(results: dict) -> dict:
-    """{"task/metric": value} of the numbers in a results dict ("acc,none" becomes "acc"; stderrs left out)."""
+    """{"task/metric": value} of a results dict's metrics ("metric,filter" keys; "acc,none" becomes "acc";
+    stderrs left out)."""
     return {f"{task}/{key.removesuffix(',none')}": value
             for task, metrics in results["results"].items() for key, value in metrics.items()
-            if isinstance(value, (int, float)) and "_stderr" not in key}
+            if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
 
 
 def task_metrics(model: torch.nn.Module, tokenizer, manager: TaskManager, tasks: list, limit: Optional[float],
                  device: torch.device) -> dict:
-    """train.eval_tasks: `tasks` scored with the weights of `model` as they are now (fp32, on `device`;
-    the LLM puts the model in eval mode, which is undone here)."""
-    training = model.training
+    """train.eval_tasks: `tasks` scored with the weights of `model` as they are now (fp32, on `device`).
+    What the run owns is left as it was: its mode (the LLM puts the model in eval mode), torch's thread
+    count (adaptive threads off), the global random generators (the harness would seed them, and it draws
+    ids from Python's; no stderr is bootstrapped either)."""
+    training, python_rng = model.training, random.getstate()
     try:
-        # adaptive_threads off: it sets torch's thread count process-wide, and training has its own setting
         llm = LLM(model=model, tokenizer=tokenizer, device=device, dtype=torch.float32, adaptive_threads=False)
-        return flat_metrics(run_tasks(EngineLM(llm), manager, tasks, limit, bootstrap_iters=0))
+        return flat_metrics(run_tasks(EngineLM(llm), manager, tasks, limit, log_samples=False, bootstrap_iters=0,
+                                      random_seed=None, numpy_random_seed=None, torch_random_seed=None))
     finally:
         model.train(training)
+        random.setstate(python_rng)

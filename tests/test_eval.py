@@ -215,6 +215,27 @@ def test_shared_contexts_take_the_prefix_cache_and_score_the_same(models):
         assert abs(a - b) < 1e-4 and greedy_a == greedy_b
 
 
+def test_task_metrics_leave_what_training_owns_alone(models):
+    """train.eval_tasks runs between training steps: the model's mode, torch's threads and the global
+    random generators are as they were (the harness seeds random, numpy and torch by default)."""
+    import numpy as np
+
+    from checkpoint import load_model
+    from evaluation.harness import load_tasks, task_metrics
+
+    run, _, tasks, _ = models("gqa")
+    model, tok, _ = load_model(run, torch.device("cpu"), torch.float32)
+    model.train()
+    states = lambda: (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())  # noqa: E731
+    manager, loaded = load_tasks([str(tasks / "tiny_mc.yaml")])  # as the trainer does, before its first step
+    before, threads = states(), torch.get_num_threads()
+    got = task_metrics(model, tok, manager, loaded, 4, torch.device("cpu"))
+    assert set(got) == {"tiny_mc/acc", "tiny_mc/acc_norm"}
+    after = states()
+    assert torch.equal(before[0], after[0]) and (before[1] == after[1]).all() and before[2] == after[2]
+    assert model.training and torch.get_num_threads() == threads
+
+
 # ---- bits per byte of a text file ---------------------------------------------------------------------
 
 def test_text_bits_per_byte_match_a_float64_reference(tmp_path):

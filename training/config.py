@@ -55,9 +55,10 @@ class TrainConfig:
     eval_batches: int = 10  # batches of batch_size sequences per evaluation
     sample_tokens: int = 120  # tokens generated for the sample at each evaluation
     # lm-evaluation-harness tasks scored at each evaluation on rank 0 and logged as <task>/<metric>
-    # (evaluation/harness.py, as eval.py scores them; needs requirements-eval.txt): task names or YAML files
-    eval_tasks: list[str] = field(default_factory=list)
-    eval_tasks_limit: Optional[int] = None  # documents per task at each evaluation; null: all
+    # (evaluation/harness.py, as eval.py scores them; needs requirements-eval.txt): task names or YAML
+    # files, e.g. [hellaswag,arc_easy]; null: none
+    eval_tasks: Optional[list[str]] = None
+    eval_tasks_limit: Optional[int] = None  # documents per train.eval_tasks task at each evaluation; null: all
     save_every: int = 200  # steps between checkpoints (also at the end, and at each new best evaluation)
     # true: continue from out_dir/checkpoints/latest; a path: continue from that checkpoint (or run) folder
     resume: Any = False
