@@ -133,7 +133,10 @@ def evaluate_tasks(args, device) -> None:
         llm = LLM(args.ckpt, device=device, max_num_seqs=args.batch_size)
     except ValueError as e:  # CheckpointError included
         raise InputError(str(e)) from None
-    manager, tasks = load_tasks([t for t in args.tasks.split(",") if t], args.include_path)
+    names = [t for t in args.tasks.split(",") if t]
+    if not names:
+        raise InputError("--tasks names no task (give comma-separated names)")
+    manager, tasks = load_tasks(names, args.include_path)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = run_tasks(EngineLM(llm), manager, tasks, limit, log_samples=args.log_samples)
     print(make_table(results))
@@ -165,7 +168,8 @@ def evaluate_text(args, device) -> None:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read --text {args.text}: {e}") from None
-    model, tokenizer, _ = load_model(args.ckpt, device or torch.device("cpu"), torch.float32)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")  # generate.py's default
+    model, tokenizer, _ = load_model(args.ckpt, device, torch.float32)
     seq_len = args.seq_len or run_seq_len(args.ckpt) or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise InputError(f"--seq_len {seq_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")

@@ -34,7 +34,7 @@ from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.tasks import TaskManager
-from lm_eval.tasks._index import TaskIndex
+from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
@@ -171,7 +171,7 @@ def check_task_files(include_path: str) -> None:
         raise EvalError(f"--include_path {include_path} is not a folder (of task YAML files)")
     for path in sorted(folder.rglob("*.yaml")):
         try:
-            TaskIndex.entry_from_path(path)
+            load_yaml(path, resolve_func=False)  # the harness's own reader (its !function tags, includes)
         except Exception as e:  # the YAML parser's or the harness's own complaint
             reason = " ".join(str(e).split())[:200]
             raise EvalError(f"task file {path} does not parse ({type(e).__name__}: {reason})") from None

@@ -75,12 +75,13 @@ def write_tasks(folder: Path, llm=None, seed: int = 0) -> dict:
              "tiny_gen": (gen, "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
                                f"generation_kwargs:\n  until: {json.dumps([info['stop']])}\n  do_sample: false\n"
                                f"  max_gen_toks: {MAX_GEN}\n", ["exact_match"])}
+    # What the tasks share, in a YAML file that is no task (the harness's include; eval.py must not refuse it)
+    (folder / "_defaults.yaml").write_text("dataset_path: json\ntest_split: test\nmetadata:\n  version: 1.0\n")
     for name, (docs, spec, metrics) in files.items():
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
         (folder / f"{name}.yaml").write_text(
-            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / name}.jsonl\n"
-            f"test_split: test\n{spec}metric_list:\n" + "".join(f"  - metric: {m}\n" for m in metrics) +
-            "metadata:\n  version: 1.0\n")
+            f"include: _defaults.yaml\ntask: {name}\ndataset_kwargs:\n  data_files:\n    test: {folder / name}.jsonl\n"
+            f"{spec}metric_list:\n" + "".join(f"  - metric: {m}\n" for m in metrics))
     return info
 
 
