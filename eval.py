@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--output_path", "--output-path", "-o", default=None, help="write the results to this JSON file")
     p.add_argument("--log_samples", "--log-samples", action="store_true",
                    help="with --output_path: every request's inputs and scores too")
-    p.add_argument("--wandb", action="store_true", help="log task results to Weights & Biases (see above)")
+    p.add_argument("--wandb", action="store_true", help="log task results to Weights & Biases: the checkpoint's own "
+                                                        "run if it has one; offline unless WANDB_MODE says otherwise")
     p.add_argument("--seq_len", "--seq-len", type=int, default=None, help="--text: tokens per window")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     return p.parse_args(argv)
