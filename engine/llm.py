@@ -284,8 +284,10 @@ class LLM:
         for r in requests:
             first = r.seqs[0]
             if first.needs_prompt_logprobs:
-                logits = self.model(torch.tensor([first.token_ids], device=self.device))[0][0, :-1].float()
-                first.prompt_logprobs = prompt_token_logprobs(logits, first.token_ids, r.params.prompt_logprobs)
+                start = r.params.prompt_logprobs_start
+                logits = self.model(torch.tensor([first.token_ids], device=self.device))[0][0, start - 1:-1].float()
+                first.prompt_logprobs = prompt_token_logprobs(logits, first.token_ids, r.params.prompt_logprobs,
+                                                              start)
             r.seqs += fork_samples(first, seq_ids)
             active += r.seqs
         st = self.stats = self._static_stats()
