@@ -252,3 +252,17 @@ def test_generation_stops_at_a_stop_token_and_keeps_it(use_cache):
     assert out.token_ids == free[:first + 1] and out.finish_reason == "stop"
     with pytest.raises(ValueError, match="stop_token_ids must be integers"):
         SamplingParams(stop_token_ids=["<|im_end|>"])
+
+
+def test_long_conversations_are_counted_at_the_start(tmp_path, capsys):
+    short = conversations(12, seed=5)
+    long_reply = {"messages": short[0]["messages"][:2] + [{"role": "assistant", "content": "many words " * 40}]}
+    long_prompt = {"messages": [{"role": "system", "content": "a long table " * 40}] + short[1]["messages"][1:]}
+    d = prepare(chat_cfg(tmp_path, path=write_jsonl(tmp_path / "c.jsonl", short + [long_reply, long_prompt]),
+                         val_path=write_jsonl(tmp_path / "v.jsonl", short[:2])))
+    capsys.readouterr()
+    batches = d.train_batches(seq_len=96, batch_size=2, seed=0)
+    assert capsys.readouterr().out == ("data: 2 of 14 training conversations are longer than train.seq_len+1=97 "
+                                       "tokens and are cut there; 1 have no reply token before the cut and are left "
+                                       "out\n")
+    assert len(batches.keep) == 13 and 13 not in batches.keep  # the long prompt goes, the long reply is cut
