@@ -10,6 +10,12 @@ torch.compile trace through them and keep each as one call.
 
 `load_once` never raises for a missing compiler or a failed build: it returns the one-line reason,
 and the caller falls back to its PyTorch path.
+
+Why not torch.utils.cpp_extension.load (torch 2.13): it needs ninja, which nothing else here does;
+its build folder is named after the extension alone (the source/flag hash only numbers versions
+within one process), so another CPU sharing the folder would get this one's library all the same;
+and its lock file outlives a build that was killed, after which every load waits forever
+(pytorch/pytorch#189245). Two compiler calls, a hashed name and an atomic rename avoid all three.
 """
 
 from __future__ import annotations
