@@ -34,13 +34,6 @@ def sums(n: int, seed: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pretrained(corpus, data_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("base") / "run"
-    train.run(compose_config(tiny_overrides(corpus, data_cache, out)))
-    return out
-
-
-@pytest.fixture(scope="module")
 def chats(tmp_path_factory):
     path = tmp_path_factory.mktemp("chats") / "sums.jsonl"
     path.write_text("".join(json.dumps(c) + "\n" for c in sums(120, seed=0)))
