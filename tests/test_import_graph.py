@@ -1,15 +1,16 @@
 """The import graph has one direction (README, Layout): each package imports only packages listed before it,
 
-    kernels <- model <- data <- checkpoint <- engine <- training <- train.py, generate.py, serve.py, export.py
+    kernels <- model <- data <- checkpoint <- engine <- server <- training <- train.py, generate.py, serve.py,
+    export.py
 
-and inference (engine/, generate.py, serve.py, export.py) never imports training/."""
+and inference (engine/, server/, generate.py, serve.py, export.py) never imports training/."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["kernels", "model", "data", "checkpoint", "engine", "training"]
-INFERENCE = ["engine", "generate.py", "serve.py", "export.py"]
+ORDER = ["kernels", "model", "data", "checkpoint", "engine", "server", "training"]
+INFERENCE = ["engine", "server", "generate.py", "serve.py", "export.py"]
 
 
 def imported_packages(path: Path) -> set[str]:
