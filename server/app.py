@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from engine import RequestTooLarge, SamplingParams
 from engine.async_engine import AsyncEngine, EngineStopped
@@ -48,6 +48,8 @@ class Server:
         self.ctx = llm.cfg.max_seq_len
         self.capacity = llm.max_num_seqs + max_queue
         self.admitted = 0
+        Gauge("smallllm_samples_admitted", "Samples of the requests being answered (at most --max-num-seqs + "
+              "--max-queue).", registry=self.engine.metrics.registry).set_function(lambda: self.admitted)
         self.created = int(time.time())
 
     def check_model(self, model: Optional[str]) -> None:

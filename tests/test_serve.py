@@ -79,9 +79,10 @@ class Server(Running):
 class InProcess(Running):
     """serve.py's app (create_app) under uvicorn in a thread of this process, on a free port, with its
     engine's steps behind a StepGate the test holds and opens (self.gate), and the app's state at hand
-    (self.app.engine.num_in_flight: requests the handlers have handed to the engine thread)."""
+    (self.app.engine.num_in_flight: requests the handlers have handed to the engine thread). `limits`:
+    the app state's max_body_bytes."""
 
-    def __init__(self, ckpt, max_num_seqs: int):
+    def __init__(self, ckpt, max_num_seqs: int, max_queue: int = 256, **limits):
         import socket
 
         import uvicorn
@@ -92,7 +93,7 @@ class InProcess(Running):
         llm = LLM(ckpt, device="cpu", max_num_seqs=max_num_seqs)
         self.gate = StepGate(llm.core)
         self.gate.open()
-        self.app = AppState(llm, "run", max_queue=256, chat_template=None)
+        self.app = AppState(llm, "run", max_queue=max_queue, chat_template=None, **limits)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -300,31 +301,57 @@ def test_client_gone_before_a_whole_answer_aborts_and_frees_blocks(inproc, gate)
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, llm):
+    """Each bad body is a 400 (not a 500, not accepted) in OpenAI's shape, `param` naming the field."""
     long_prompt = "To be, or not to be " * 60
     assert len(llm.encode(long_prompt)) >= llm.cfg.max_seq_len
-    cases = [
-        ("/v1/completions", b'{"prompt": "x", "max_tokens": ', 400, None),
-        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "'max_tokens'"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "0 only with echo"),
-        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "'logprobs'"),
-        ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "top_p"),
-        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "'n'"),
-        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
-        ("/v1/completions", {"prompt": long_prompt}, 400, "context"),
-        ("/v1/completions", {"prompt": long_prompt, "stream": True}, 400, "context"),
-        ("/v1/completions", {"prompt": 5}, 400, "prompt"),
-        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
-        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
-        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    chat = "/v1/chat/completions"
+    cases = [  # (path, body: JSON or raw bytes, status, param, words in the message)
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": ', 400, None, "not a valid JSON"),
+        ("/v1/completions", b'{"prompt": "\\ud800"}', 400, None, "Invalid JSON"),  # a lone surrogate
+        ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "recursion"),
+        ("/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 400, "temperature", "finite"),
+        ("/v1/completions", b'{"prompt": "x", "top_p": NaN}', 400, "top_p", "finite"),
+        ("/v1/completions", b'[{"prompt": "x"}]', 400, None, "object"),
+        ("/v1/completions", {"prompt": "x", "stream_options": 5, "stream": True}, 400, "stream_options", None),
+        ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": "yes"}, "stream": True}, 400,
+         "stream_options", "include_usage"),
+        ("/v1/completions", {"prompt": "x", "stream": "no"}, 400, "stream", "boolean"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "'max_tokens'"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "0 only with echo"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs", "'logprobs'"),
+        ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "top_p", "top_p"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "'n'"),
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "temperature"),
+        ("/v1/completions", {"prompt": "x", "temperature": "0.5"}, 400, "temperature", "temperature"),
+        ("/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed", "integer"),
+        ("/v1/completions", {"prompt": "x", "stop": ["a", ""]}, 400, "stop", "stop"),
+        ("/v1/completions", {"prompt": long_prompt}, 400, "prompt", "context"),
+        ("/v1/completions", {"prompt": long_prompt, "stream": True}, 400, "prompt", "context"),
+        ("/v1/completions", {"prompt": 5}, 400, "prompt", "prompt"),
+        ("/v1/completions", {"prompt": []}, 400, "prompt", "prompt"),
+        ("/v1/completions", {"prompt": [5, 100000]}, 400, "prompt", "vocabulary"),
+        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "gpt-4"),
+        (chat, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", "messages.0.role"),
+        (chat, {"messages": []}, 400, "messages", "messages"),
+        (chat, b'{"messages": [{"role": "user", "content": "\\udc00"}]}', 400, None, "Invalid JSON"),
+        (chat, {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, 400, "logprobs", "boolean"),
+        (chat, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
+         "max_completion_tokens", None),
     ]
-    for path, body, status, words in cases:
+    for path, body, status, param, words in cases:
         kw = {"content": body} if isinstance(body, bytes) else {"json": body}
         r = server.http.post(path, headers={"Content-Type": "application/json"}, **kw)
-        assert r.status_code == status, (body, r.status_code, r.text)
+        assert r.status_code == status, (body[:100], r.status_code, r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        assert err["param"] == param and err["type"] == ("invalid_request_error" if status == 400 else
+                                                         "not_found_error"), (body[:100], err)
         if words:
-            assert words in err["message"], (body, err)
+            assert words in err["message"], (body[:100], err)
+    # Null is the default, as in OpenAI's API; unknown fields are ignored.
+    r = server.http.post("/v1/completions", json={"prompt": "To be", "max_tokens": 2, "temperature": None,
+                                                  "stop": None, "presence_penalty": 0})
+    assert r.status_code == 200, r.text
     from openai import NotFoundError
 
     with pytest.raises(NotFoundError):
