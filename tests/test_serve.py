@@ -25,6 +25,7 @@ from gated_serve import StepGate
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 pytestmark = pytest.mark.usefixtures("one_thread")
+RUN_NAME = "2026-12-07_16-37-37"
 
 
 def until(condition, what: str, bound: float = 300.0):
@@ -113,7 +114,9 @@ class InProcess(Running):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / "run", "gqa")
+    """A run folder where train.py's default out_dir puts one (runs/<date>/<time>): served by serve.py as
+    2026-12-07_16-37-37 (RUN_NAME) unless --served-model-name says otherwise."""
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "runs" / "2026-12-07" / "16-37-37", "gqa")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +163,7 @@ def client(server):
 def test_completions_and_chat_match_offline_generate(server, llm):
     c = client(server)
     model = c.models.list().data[0].id
-    assert model == "run"
+    assert model == RUN_NAME
     # Greedy, two prompts, not streamed; usage counts and finish reasons.
     r = c.completions.create(model=model, prompt=["To be, or not", "Once upon"], max_tokens=12, temperature=0,
                              extra_body={"ignore_eos": True})
@@ -211,6 +214,23 @@ def test_completions_and_chat_match_offline_generate(server, llm):
     stream = c.chat.completions.create(model=model, messages=messages, max_tokens=10, seed=3, stream=True,
                                        extra_body={"ignore_eos": True})
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == ref.text
+
+
+def test_long_streams_write_what_offline_generate_writes(server, llm):
+    """Two 240-token samples of the random model (byte tokens that split characters or never make one),
+    streamed: each sample's text is offline LLM.generate's, piece by piece."""
+    kw = dict(temperature=1.0, seed=11, n=2, max_new_tokens=240, ignore_eos=True)
+    ref = offline(llm, "ROMEO:", **kw)
+    assert sum("\ufffd" in llm.decode([t]) for t in ref.outputs[0].token_ids) > 10  # split characters
+    body = {"prompt": "ROMEO:", "max_tokens": 240, "temperature": 1.0, "seed": 11, "n": 2, "ignore_eos": True,
+            "stream": True}
+    texts = ["", ""]
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for ch in json.loads(line[6:])["choices"]:
+                    texts[ch["index"]] += ch["text"]
+    assert texts == [o.text for o in ref.outputs]
 
 
 def test_32_concurrent_streams_each_as_alone_and_batched(inproc, gate, llm):
@@ -423,7 +443,7 @@ def test_playground_in_headless_chromium(server, llm, tmp_path):
         page.set_default_timeout(300_000)  # waits below are upper bounds on what must happen, not races
         try:
             page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent === 'run'")
+            page.wait_for_function(f"document.getElementById('model').textContent === '{RUN_NAME}'")
             page.fill("#prompt", "Once upon")
             page.fill("#max_tokens", "12")
             page.fill("#temperature", "0")
@@ -456,6 +476,24 @@ def test_bench_serve_runs_end_to_end(server):
     expect = sum(r["max_tokens"] for r in make_requests(6, 3, (2, 20), (4, 12)))
     assert [r["run"] for r in rows] == ["one at a time", "poisson 50/s", "poisson 200/s"]
     assert all(r["requests"] == 6 and r["output_tokens"] == expect and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_default_served_model_name(run_dir, tmp_path):
+    """The name clients pass as 'model' without --served-model-name: the run folder's, from any folder
+    of the run; a Hugging Face folder's own name. (The served name itself: test_completions_... and
+    test_serve_limits.py's --served-model-name.)"""
+    from checkpoint.hf import write_hf_folder
+    from checkpoint.load import load_pretrained
+    from serve import default_model_name
+
+    ckpt = (run_dir / "checkpoints" / "latest").resolve()
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "latest", ckpt):
+        assert default_model_name(str(folder)) == RUN_NAME, folder
+    plain = write_checkpoint(tmp_path / "shakespeare", "gqa")
+    assert default_model_name(str(plain / "checkpoints")) == "shakespeare"
+    p = load_pretrained(run_dir)
+    write_hf_folder(tmp_path / "exports" / "tiny-hf", p.config, p.state_dict, p.tokenizer_path, p.eos_id)
+    assert default_model_name(str(tmp_path / "exports" / "tiny-hf")) == "tiny-hf"
 
 
 def test_chat_template_from_tokenizer_config(run_dir, tmp_path):
