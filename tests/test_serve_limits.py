@@ -88,7 +88,7 @@ def test_n_counts_as_n_samples_and_is_capped(small):
 def raw_response(url: str, request: bytes, *more: bytes) -> tuple[int, dict]:
     """Send request bytes on a socket (never the rest of the body they announce) and read the answer."""
     host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=300) as sock:
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
         for part in (request, *more):
             sock.sendall(part)
         answer = http.client.HTTPResponse(sock)
