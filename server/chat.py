@@ -22,6 +22,7 @@ def load_chat_template(ckpt: str) -> Optional[str]:
     from checkpoint.hf import is_hf_folder
     from checkpoint.store import resolve_checkpoint
 
+    # a Hugging Face folder is its own checkpoint folder (resolve_checkpoint knows ours only)
     folders = [Path(ckpt)] if is_hf_folder(ckpt) else [resolve_checkpoint(ckpt), Path(ckpt)]
     for folder in dict.fromkeys(folders):
         cfg = folder / "tokenizer_config.json"

@@ -485,6 +485,7 @@ def test_default_served_model_name(run_dir, tmp_path):
     from checkpoint.hf import write_hf_folder
     from checkpoint.load import load_pretrained
     from serve import default_model_name
+    from server.chat import load_chat_template
 
     ckpt = (run_dir / "checkpoints" / "latest").resolve()
     for folder in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "latest", ckpt):
@@ -492,8 +493,9 @@ def test_default_served_model_name(run_dir, tmp_path):
     plain = write_checkpoint(tmp_path / "shakespeare", "gqa")
     assert default_model_name(str(plain / "checkpoints")) == "shakespeare"
     p = load_pretrained(run_dir)
-    write_hf_folder(tmp_path / "exports" / "tiny-hf", p.config, p.state_dict, p.tokenizer_path, p.eos_id)
-    assert default_model_name(str(tmp_path / "exports" / "tiny-hf")) == "tiny-hf"
+    hf = tmp_path / "exports" / "tiny-hf"  # sharded: no model.safetensors, which our checkpoints have
+    write_hf_folder(hf, p.config, p.state_dict, p.tokenizer_path, p.eos_id, max_shard_bytes=40_000)
+    assert default_model_name(str(hf)) == "tiny-hf" and load_chat_template(str(hf)) is None
 
 
 def test_chat_template_from_tokenizer_config(run_dir, tmp_path):
