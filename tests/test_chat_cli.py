@@ -9,37 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
 
-from builders import write_checkpoint
+from builders import chat_reply, end_reply_early, write_checkpoint
 from checkpoint import load_chat_template
 from data.chat import end_of_turn_id, prompt_ids
-from engine import LLM, SamplingParams
+from engine import LLM
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM, MAX_NEW = "Be brief.", 12
 
 
-def greedy(llm, run, messages) -> tuple[str, list[int]]:
-    """The reply the API generates to `messages` (the run's template, greedy, ending at <|im_end|>)."""
-    end = end_of_turn_id(llm.tokenizer)
-    ids = prompt_ids(messages, load_chat_template(run), llm.tokenizer)
-    out = llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=[end]))[0]
-    return out.text, out.token_ids
-
-
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
-    """A tiny chat checkpoint whose greedy reply to "Hello" ends with <|im_end|> after two tokens: the output row of
-    <|im_end|> is made 1.5 times the row of the reply's third token (whose logit there is the largest, positive)."""
+    """A tiny chat checkpoint whose greedy reply to "Hello" ends with <|im_end|> after two tokens."""
     run = write_checkpoint(tmp_path_factory.mktemp("chat") / "run", chat=True, max_seq_len=96)
-    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello"}]
-    llm = LLM(run, device="cpu")
-    _, free = greedy(llm, run, first)
-    weights = (run / "checkpoints" / "latest" / "model.safetensors").resolve()
-    state = load_file(weights)
-    state["lm_head.weight"][end_of_turn_id(llm.tokenizer)] = 1.5 * state["lm_head.weight"][free[2]]
-    save_file(state, weights, metadata={"step": "1"})
+    end_reply_early(run, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello"}])
     return run
 
 
@@ -68,11 +52,11 @@ def test_chat_in_a_pseudo_terminal(chat_run):
         assert "chat: the checkpoint's chat template" in start and "error" not in start, start
         for message in ("Hello", "Tell me more."):
             history.append({"role": "user", "content": message})
-            reply, ids = greedy(llm, chat_run, history)
+            reply, ids = chat_reply(llm, chat_run, history, MAX_NEW)
             if message == "Hello":  # the model's end of turn is what stops it, not the token limit
                 assert ids[-1] == end_of_turn_id(llm.tokenizer) and len(ids) == 3
             else:  # the reply depends on the turns before: the chat must have kept them
-                assert reply != greedy(llm, chat_run, [history[0], history[-1]])[0]
+                assert reply != chat_reply(llm, chat_run, [history[0], history[-1]], MAX_NEW)[0]
             os.write(controller, (message + "\n").encode())
             screen = read_until(controller, ">>> ").replace("\r\n", "\n")
             assert screen == f"{message}\n{reply}\n>>> "  # the echo of what was typed, the reply, the next prompt
@@ -93,7 +77,7 @@ def test_chat_in_a_pseudo_terminal(chat_run):
         os.write(controller, (message + "\n").encode())
         assert read_until(controller, ">>> ").replace("\r\n", "\n") == (
             f"{message}\nnote: the conversation outgrew the model's context of 96 tokens: its oldest 2 turns are "
-            f"left out\n{greedy(llm, chat_run, history)[0]}\n>>> ")
+            f"left out\n{chat_reply(llm, chat_run, history, MAX_NEW)[0]}\n>>> ")
         os.write(controller, b"\x04")  # Ctrl-D
         assert proc.wait(timeout=300) == 0
     finally:
