@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -427,46 +428,46 @@ def test_queue_limit_and_sigterm_drain(run_dir, llm):
         s.stop()
 
 
-def open_page(playwright):
-    """(browser, page): Debian's headless Chromium, every wait on the page bounded by 300 s (an upper bound
-    on what must happen, not a race)."""
-    if not Path("/usr/bin/chromium").exists():
-        pytest.fail("Chromium is missing: apt-get install -y chromium (.ci/run does it)")
-    browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"], timeout=300_000)
-    page = browser.new_page()
-    page.set_default_timeout(300_000)
-    return browser, page
-
-
-def test_playground_in_headless_chromium(server, llm, tmp_path):
-    """The page at /: type a prompt, press Generate, the streamed completion appears (Debian's chromium
-    driven by playwright; a screenshot is saved in the test's tmp folder when it fails)."""
+@contextmanager
+def browser_page(shot: Path):
+    """A page of Debian's headless Chromium (driven by playwright), every wait on it bounded by 300 s (an upper
+    bound on what must happen, not a race); a screenshot is saved at `shot` when the test fails."""
     from playwright.sync_api import sync_playwright
 
-    expect = offline(llm, "Once upon", temperature=0, max_new_tokens=12).text
+    if not Path("/usr/bin/chromium").exists():
+        pytest.fail("Chromium is missing: apt-get install -y chromium (.ci/run does it)")
     with sync_playwright() as p:
-        browser, page = open_page(p)
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"], timeout=300_000)
+        page = browser.new_page()
+        page.set_default_timeout(300_000)
         try:
-            page.goto(server.url + "/")
-            page.wait_for_function(f"document.getElementById('model').textContent === '{RUN_NAME}'")
-            page.fill("#prompt", "Once upon")
-            page.fill("#max_tokens", "12")
-            page.fill("#temperature", "0")
-            page.click("#generate")
-            page.wait_for_function("document.getElementById('gen_stats').textContent.includes('finish: length')")
-            page.wait_for_function("document.getElementById('gen_stats').textContent.startsWith('12 tokens')")
-            assert page.text_content("#completion") == expect
-            assert page.text_content("#error") == ""
-            page.wait_for_function("document.getElementById('server_stats').textContent.includes('KV blocks')")
+            yield page
         except Exception:
-            shot = tmp_path / "playground.png"
             page.screenshot(path=str(shot))
             print(f"screenshot: {shot}")
             raise
         finally:
             browser.close()
+
+
+def test_playground_in_headless_chromium(server, llm, tmp_path):
+    """The page at /: type a prompt, press Generate, the streamed completion appears (Debian's chromium
+    driven by playwright; a screenshot is saved in the test's tmp folder when it fails)."""
+    expect = offline(llm, "Once upon", temperature=0, max_new_tokens=12).text
+    with browser_page(tmp_path / "playground.png") as page:
+        page.goto(server.url + "/")
+        page.wait_for_function(f"document.getElementById('model').textContent === '{RUN_NAME}'")
+        page.fill("#prompt", "Once upon")
+        page.fill("#max_tokens", "12")
+        page.fill("#temperature", "0")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('gen_stats').textContent.includes('finish: length')")
+        page.wait_for_function("document.getElementById('gen_stats').textContent.startsWith('12 tokens')")
+        assert page.text_content("#completion") == expect
+        assert page.text_content("#error") == ""
+        page.wait_for_function("document.getElementById('server_stats').textContent.includes('KV blocks')")
 
 
 def test_bench_serve_runs_end_to_end(server):

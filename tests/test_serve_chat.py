@@ -8,7 +8,7 @@ from builders import chat_reply, end_reply_early, write_checkpoint
 from checkpoint import load_chat_template
 from data.chat import prompt_ids
 from engine import LLM
-from test_serve import Server, client, open_page
+from test_serve import Server, browser_page, client
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -48,38 +48,27 @@ def test_chat_completions_use_the_checkpoint_template(chat_run, served):
 def test_playground_chat_in_headless_chromium(chat_run, served, tmp_path):
     """The Chat tab: a system message, two turns (the second reply depends on the first turn, so the page must
     send the whole conversation), each reply streamed into its own box; New chat empties the conversation."""
-    from playwright.sync_api import sync_playwright
-
     llm = LLM(chat_run, device="cpu")
     first, _ = chat_reply(llm, chat_run, [SYSTEM, HELLO], 12)
     more = {"role": "user", "content": "Tell me more."}
     second, _ = chat_reply(llm, chat_run, [SYSTEM, HELLO, {"role": "assistant", "content": first}, more], 12)
     assert second != chat_reply(llm, chat_run, [SYSTEM, more], 12)[0]  # it depends on the first turn
     replies = "Array.from(document.querySelectorAll('.turn.assistant .content')).map(e => e.textContent)"
-    with sync_playwright() as p:
-        browser, page = open_page(p)
-        try:
-            page.goto(served.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent === 'run'")
-            page.click("#mode_chat")
-            page.fill("#system", SYSTEM["content"])
-            page.fill("#max_tokens", "12")
-            page.fill("#temperature", "0")
-            for n, message in enumerate((HELLO["content"], more["content"]), 1):
-                page.fill("#message", message)
-                page.press("#message", "Enter")
-                page.wait_for_function(f"document.querySelectorAll('.turn').length === {2 * n} && "
-                                       "!document.getElementById('generate').disabled")
-                if n == 1:  # the first reply ended at <|im_end|>
-                    assert "finish: stop" in page.text_content("#gen_stats")
-            assert page.evaluate(replies) == [first, second]
-            assert page.text_content("#error") == ""
-            page.click("#new_chat")
-            assert page.evaluate("document.querySelectorAll('.turn').length") == 0
-        except Exception:
-            shot = tmp_path / "playground_chat.png"
-            page.screenshot(path=str(shot))
-            print(f"screenshot: {shot}")
-            raise
-        finally:
-            browser.close()
+    with browser_page(tmp_path / "playground_chat.png") as page:
+        page.goto(served.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'run'")
+        page.click("#mode_chat")
+        page.fill("#system", SYSTEM["content"])
+        page.fill("#max_tokens", "12")
+        page.fill("#temperature", "0")
+        for n, message in enumerate((HELLO["content"], more["content"]), 1):
+            page.fill("#message", message)
+            page.press("#message", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('.turn').length === {2 * n} && "
+                                   "!document.getElementById('generate').disabled")
+            if n == 1:  # the first reply ended at <|im_end|>
+                assert "finish: stop" in page.text_content("#gen_stats")
+        assert page.evaluate(replies) == [first, second]
+        assert page.text_content("#error") == ""
+        page.click("#new_chat")
+        assert page.evaluate("document.querySelectorAll('.turn').length") == 0
