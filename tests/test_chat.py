@@ -266,3 +266,21 @@ def test_long_conversations_are_counted_at_the_start(tmp_path, capsys):
                                        "tokens and are cut there; 1 have no reply token before the cut and are left "
                                        "out\n")
     assert len(batches.keep) == 13 and 13 not in batches.keep  # the long prompt goes, the long reply is cut
+
+
+def test_the_skill_set_is_seeded_and_each_answer_is_the_tables_price(tmp_path):
+    import re
+
+    from scripts.chat_skill import write_data
+
+    train_file, test_file = write_data(tmp_path / "a", 300, 50, seed=4)
+    again, _ = write_data(tmp_path / "b", 300, 50, seed=4)
+    assert train_file.read_bytes() == again.read_bytes()
+    train = [json.loads(line) for line in train_file.read_text().splitlines()]
+    test = [json.loads(line) for line in test_file.read_text().splitlines()]
+    assert len(train) == 300 and len(test) == 50 and not [c for c in test if c in train]
+    for c in train + test:
+        system, user, assistant = (m["content"] for m in c["messages"])
+        prices = dict(re.findall(r"(\w+) (\d+)", system.removeprefix("Prices: ")))
+        asked = [item for item in prices if re.search(rf"\b{item}\b", user)]
+        assert len(prices) == 5 and len(asked) == 1 and assistant == prices[asked[0]]

@@ -83,3 +83,16 @@ def test_chat_in_a_pseudo_terminal(chat_run):
     finally:
         proc.kill()
         os.close(controller)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chat", "--prompt", "Hi"], "error: --chat reads its messages from the terminal, one reply at a time: drop "
+                                   "--prompt"),
+    (["--chat", "--json"], "drop --json"),
+    (["--system", "Be brief."], "error: --system is the opening message of a --chat: add --chat"),
+])
+def test_chat_options_that_do_not_go_together(args, message, capsys):
+    import generate
+
+    assert generate.main(["--ckpt", "no-such-run", *args]) == 2  # refused before the checkpoint is read
+    assert message in capsys.readouterr().err
