@@ -20,22 +20,41 @@ stops at the context limit (finish_reason "length") and a note says so on stderr
 --json prints one object on stdout:
     {"requests": [{"prompt", "token_ids", "text", "finish_reason"}, ...], "seed": N, "stats": {...}}
 and with --num-samples N > 1 each request is {"prompt", "samples": [{"token_ids", "text",
-"finish_reason"}, ...]}. Bad input (missing or corrupt checkpoint, a prompt too long for the context,
-invalid sampling values, an empty prompt) prints one line `error: ...` on stderr and exits with 2.
+"finish_reason"}, ...]}. A summary line on stderr repeats the stats' figures. Their tokens/s are those
+of the generation steps alone: loading (the checkpoint; the C++ kernels, built on first use) and a
+warm-up (a few throwaway steps that pay first-call costs, and --compile's compilation) are timed
+apart, as stats "load_s" and "warmup_s", so a short request's figures do not depend on whether it was
+the first run. Bad input (missing or corrupt checkpoint, a prompt too long for the context, invalid
+sampling values, an empty prompt, a prompt that is not UTF-8, a --prompt-file that cannot be read)
+prints one line `error: ...` on stderr and exits with 2; a --prompt-file's leading UTF-8 byte-order
+mark is dropped. If stdout's reader goes away (`generate.py ... | head -c 100`), it stops quietly
+with exit code 1.
 """
 
 import argparse
 import json
+import os
 import random
 import sys
+import time
 from pathlib import Path
 
 
+class OneDefaultFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already says its default, or there is
+    none worth printing (None: unset; False: a flag that is off)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """Errors in one line; --help shows every default."""
+    """Errors in one line; --help shows each default once."""
 
     def __init__(self, **kw):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+        super().__init__(formatter_class=OneDefaultFormatter, **kw)
 
     def error(self, message):  # one line, like every other bad-input error (argparse adds the usage)
         self.exit(2, f"error: {message} (see --help)\n")
@@ -44,7 +63,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineErrorParser(description="Generate text from a checkpoint (paged KV cache, continuous batching).")
     p.add_argument("--ckpt", required=True, help="run folder, its checkpoints/ folder, or a checkpoint folder")
-    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several; default: a newline)")
     p.add_argument("--prompt-file", default=None, help="one prompt per line, or a .jsonl file")
     p.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens per sample")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -55,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--seed", type=int, default=None,
-                   help="request r uses a seed derived from (seed, r); None: one is drawn at random and printed")
+                   help="request r uses a seed derived from (seed, r) (default: one is drawn at random and printed)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (they share the prompt's KV)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-blocks", type=int, default=None, help="KV budget in blocks (default: from free memory)")
@@ -65,9 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="CPU: int8 weights with per-channel scales for every linear layer (engine/quantize.py)")
     p.add_argument("--compile", action="store_true",
-                   help="CPU: torch.compile the PyTorch decode step, the one MLA models use (a one-off 10-60 s "
-                        "compilation; needs a C++ compiler); MHA/GQA/MQA models otherwise decode through the "
-                        "faster C++ step")
+                   help="CPU: torch.compile the PyTorch decode step, the one MLA models use (a one-off compilation "
+                        "in the warm-up: 1-2 min, 20-40 s once Inductor's disk cache has it; needs a C++ "
+                        "compiler); MHA/GQA/MQA models otherwise decode through the faster C++ step")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     return p.parse_args(argv)
 
@@ -76,20 +95,30 @@ class InputError(ValueError):
     """Bad command-line input: reported as one line, exit code 2."""
 
 
+def read_prompt_file(name: str) -> list[str]:
+    """The lines of --prompt-file. A leading UTF-8 byte-order mark (some Windows editors write one) is
+    dropped: it marks the encoding, it is not text anyone typed, and kept it would become the first
+    prompt's first tokens (and make json.loads refuse a .jsonl file's first line)."""
+    try:
+        return Path(name).read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"--prompt-file '{name}' does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"--prompt-file '{name}' is a folder: give a file with one prompt per line") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"--prompt-file '{name}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"cannot read --prompt-file '{name}': {e.strerror}") from None
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise InputError(f"--prompt-file '{args.prompt_file}' does not exist")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read --prompt-file '{args.prompt_file}': {e}") from None
-        for n, line in enumerate(lines, 1):
+        for n, line in enumerate(read_prompt_file(args.prompt_file), 1):
             if not line.strip():
                 continue
-            if path.suffix == ".jsonl":
+            if Path(args.prompt_file).suffix == ".jsonl":
                 try:
                     item = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -137,38 +166,53 @@ def check_device(name: str):
     return device
 
 
-def run(args) -> int:
-    check_args(args)
-    prompts = read_prompts(args)
-    if args.stream and (len(prompts) > 1 or args.num_samples > 1):
-        raise InputError("--stream prints one generation: give a single prompt and --num-samples 1")
-
-    import torch
-
-    from engine import LLM, RequestTooLarge, SamplingParams  # imported late: --help stays fast
+def sampling_params(args, n_prompts: int):
+    """(the run's seed, one SamplingParams per prompt): request r is seeded with request_seed(seed, r)."""
+    from engine import SamplingParams  # imported late: --help stays fast
     from engine.sampler import request_seed
-    from engine.text import TextStream
-    from checkpoint import CheckpointError
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
     try:
-        params = [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                 repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                                 stop=args.stop or [], ignore_eos=args.ignore_eos, seed=request_seed(seed, r),
-                                 n=args.num_samples)
-                  for r in range(len(prompts))]
+        return seed, [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                     max_new_tokens=args.max_new_tokens, stop=args.stop or [],
+                                     ignore_eos=args.ignore_eos, seed=request_seed(seed, r), n=args.num_samples)
+                      for r in range(n_prompts)]
     except ValueError as e:
         raise InputError(str(e)) from None
+
+
+def load_llm(args):
+    """The LLM for the command line, and the seconds its loading took (the checkpoint, and the C++
+    kernels: built on first use, loaded on every run)."""
+    import torch
+
+    from checkpoint import CheckpointError
+    from engine import LLM
+
     device = None if args.device == "auto" else check_device(args.device)
     if args.compile and (device.type == "cuda" if device is not None else torch.cuda.is_available()):
         raise InputError("--compile is for CPU decoding (CUDA decodes with the Triton paged kernel): "
                          "drop it or add --device cpu")
+    t0 = time.perf_counter()
     try:
         llm = LLM(args.ckpt, device=device, block_size=args.block_size, num_blocks=args.num_blocks,
                   use_cache=not args.no_cache, compile=args.compile, quantize=args.quantize)
     except (CheckpointError, ValueError) as e:
         raise InputError(str(e)) from None
+    return llm, time.perf_counter() - t0
 
+
+def run(args) -> int:
+    check_args(args)
+    prompts = read_prompts(args)
+    if args.stream and (len(prompts) > 1 or args.num_samples > 1):
+        raise InputError("--stream prints one generation: give a single prompt and --num-samples 1")
+    from engine import RequestTooLarge
+    from engine.text import TextStream
+
+    seed, params = sampling_params(args, len(prompts))
+    llm, load_s = load_llm(args)
     try:
         prompt_ids = llm.encode_prompts(prompts)
     except ValueError as e:
@@ -178,12 +222,12 @@ def run(args) -> int:
         if len(ids) + args.max_new_tokens > ctx:
             print(f"note: prompt {i} has {len(ids)} tokens: generation stops at the model's context of {ctx} "
                   f"tokens (at most {ctx - len(ids)} new tokens)", file=sys.stderr)
+    warmup_s = llm.warmup(max_batch=len(prompts) * args.num_samples)  # kept out of the figures below
 
     on_token = None
     if args.stream:
         stream = TextStream(llm.decode, params[0].stop)
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
+        _write(prompts[0])
         on_token = lambda i, j, token_ids: _write(stream.push(token_ids))  # noqa: E731
     try:
         outs = llm.generate(prompt_ids, params, on_token=on_token)
@@ -193,9 +237,21 @@ def run(args) -> int:
         _write(stream.finish(outs[0].text) + "\n")
     if args.seed is None:  # said after the run: a bad-input error stays one line
         print(f"seed {seed} (pass --seed {seed} to repeat this run)", file=sys.stderr)
+    stats = stats_dict(llm.stats, args, load_s, warmup_s)
+    print_outputs(args, prompts, outs, seed, stats)
+    print(f"[{len(outs)} request(s)] prefill {stats['prefill_tokens_per_s']:.0f} tok/s, decode "
+          f"{stats['decode_tokens_per_s']:.0f} tok/s, blocks {stats['blocks_used']}/{stats['blocks_total']}, "
+          f"{stats['kv_bytes_per_token']} KV bytes/token ({stats['kv_dtype']}), prefix hits "
+          f"{stats['prefix_hit_rate']:.0%}, preemptions {stats['preemptions']}; once per run, not in those "
+          f"figures: load {stats['load_s']:.2f} s, warm-up {stats['warmup_s']:.2f} s", file=sys.stderr)
+    return 0
 
-    stats = llm.stats
-    stats_d = {
+
+def stats_dict(stats, args, load_s: float, warmup_s: float) -> dict:
+    """The figures --json prints and the summary line on stderr repeats. Tokens/s are the generation
+    steps' alone: loading (checkpoint, kernels) and the warm-up (first-call costs, --compile's
+    compilation) are timed apart."""
+    return {
         "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 2),
         "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
         "blocks_used": stats.blocks_used_peak,
@@ -211,16 +267,21 @@ def run(args) -> int:
         "prefill_tokens": stats.prefill_tokens,
         "decode_tokens": stats.decode_tokens,
         "cache": not args.no_cache,
+        "load_s": round(load_s, 2),
+        "warmup_s": round(warmup_s, 2),
     }
+
+
+def print_outputs(args, prompts, outs, seed: int, stats: dict) -> None:
+    """stdout: one JSON object (--json), the texts (nothing more with --stream: already printed)."""
     if args.json:
         requests = []
         for text, out in zip(prompts, outs):
             samples = [{"token_ids": s.token_ids, "text": s.text, "finish_reason": s.finish_reason} for s in out.outputs]
             requests.append({"prompt": text, **samples[0]} if args.num_samples == 1 else
                             {"prompt": text, "samples": samples})
-        print(json.dumps({"requests": requests, "seed": seed, "stats": stats_d}, ensure_ascii=False))
-        return 0
-    if not args.stream:
+        print(json.dumps({"requests": requests, "seed": seed, "stats": stats}, ensure_ascii=False))
+    elif not args.stream:
         many = len(outs) > 1 or args.num_samples > 1
         for text, out in zip(prompts, outs):
             for s in out.outputs:
@@ -228,11 +289,6 @@ def run(args) -> int:
                     print(f"--- prompt {out.request_index}" + (f", sample {s.index}" if args.num_samples > 1 else "")
                           + f" ({s.finish_reason}) ---")
                 print(text + s.text)
-    print(f"[{len(outs)} request(s)] prefill {stats_d['prefill_tokens_per_s']:.0f} tok/s, decode "
-          f"{stats_d['decode_tokens_per_s']:.0f} tok/s, blocks {stats.blocks_used_peak}/{stats.num_blocks}, "
-          f"{stats.kv_bytes_per_token} KV bytes/token ({stats.kv_dtype}), prefix hits {stats.prefix_hit_rate:.0%}, "
-          f"preemptions {stats.preemptions}", file=sys.stderr)
-    return 0
 
 
 def _write(text: str) -> None:
@@ -243,10 +299,18 @@ def _write(text: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # a reader that went away shows here, inside the try, not at exit
+        return code
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # stdout's reader closed it (`generate.py ... | head -c 1`): stop quietly, as the Python docs
+        # advise (library/signal.html, "Note on SIGPIPE"): point stdout at /dev/null so the flush at
+        # exit has nowhere to fail, and exit 1 like Python on EPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

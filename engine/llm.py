@@ -39,7 +39,7 @@ from .model_runner import ModelRunner
 from .quantize import quantize_int8
 from .sampler import Sampler, TokenLogprobs, prompt_token_logprobs
 from .sampling_params import SamplingParams
-from .scheduler import check_finished
+from .scheduler import RequestTooLarge, check_finished
 from .sequence import Status
 
 @dataclass
@@ -108,8 +108,10 @@ class LLM:
         sequences, capped by kv_cache_memory bytes (default: 30% of the free memory on the device).
         max_num_seqs caps the running batch, max_num_batched_tokens the new tokens of a prefill step.
         use_cache=False decodes by full recompute (the reference). compile=True compiles the CPU decode
-        step with torch.compile (a one-off compilation of 10-90 s, cached on disk by torch afterwards;
-        needs a C++ compiler; sets two global compiler options, see model_runner.py; the compiled step
+        step with torch.compile (a one-off compilation, in warmup() or the first steps: 80-120 s for
+        one sequence's three graphs with a cold Inductor cache, 22-35 s once that cache on disk has
+        them, measured on the README's 2-core CPU at load 7-12; batches add two graphs; needs a C++
+        compiler; sets two global compiler options, see model_runner.py; the compiled step
         holds the weights as constants, so make a new LLM after changing them): on the 2-core CPU of the
         README, 1.6-2x the eager PyTorch step's decode tokens/s at batch 1 and 16; it replaces the C++
         step (cpp_decode below), which was faster again at batch 1 (measured side by side on a busy
@@ -119,7 +121,8 @@ class LLM:
         quantize="int8" (CPU) runs every linear layer with int8 weights and per-channel scales
         (engine/quantize.py; a copy, the caller's model is unchanged), on both the cached and the
         full-recompute path. adaptive_threads (CPU): before each step, lower torch's thread count
-        (process-wide) to the cores other processes leave free, never above the count torch had when
+        (process-wide) to the cores other processes leave free among those it may run on (its affinity
+        set, and a cgroup CPU quota), never above the count torch had when
         the LLM was made (engine/threads.py: with one core busy, 2 threads decoded 3-4x slower than 1).
         cpp_decode (CPU, MHA/GQA/MQA, fp32 or int8, with the paged kernel, without compile): each decode
         step is one C++ call for the whole forward (engine/cpu_speed.py, kernels/decode_step_cpu.py;
@@ -179,10 +182,17 @@ class LLM:
                                adaptive_threads=adaptive_threads and self.device.type == "cpu")
 
     # ---- prompts ----------------------------------------------------------------------------
-    def encode(self, prompt: Union[str, list[int]]) -> list[int]:
+    def encode(self, prompt: Union[str, list[int]], index: int = 0) -> list[int]:
+        """Token ids of one prompt (ValueError for text that is not valid Unicode, e.g. a lone surrogate,
+        which is how Python hands over command-line bytes that are not UTF-8; `index` names the prompt)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer: pass token id lists instead")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt {index} is not valid UTF-8 text: a lone surrogate "
+                                 f"U+{ord(prompt[e.start]):04X} at character {e.start} (give UTF-8 text)") from None
             return self.tokenizer.encode(prompt).ids
         return [int(t) for t in prompt]
 
@@ -193,7 +203,7 @@ class LLM:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings or of token id lists")
-        ids = [self.encode(p) for p in prompts]
+        ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         for i, p in enumerate(ids):
             check_prompt(p, self.cfg.max_seq_len, self.cfg.vocab_size, i)
         return ids
@@ -229,6 +239,24 @@ class LLM:
             if bar is not None:
                 bar.close()
         return self._outputs(prompts, requests)
+
+    def warmup(self, max_batch: int = 2) -> float:
+        """Pay the one-off costs of the first steps here, so that the stats of the requests that follow
+        are those of their steps alone: first-call initialisation, and with compile=True the compilation
+        of each decode graph (batches of 1 and, if max_batch > 1, of 2 or more sequences, with block
+        tables of 1 and of 2 or more blocks: torch.compile specialises sizes of 1). Each throwaway
+        greedy request takes a prefill and two decode steps; seeded, they leave torch's RNG alone.
+        Returns the seconds taken (self.stats is then the warm-up's)."""
+        t0 = time.perf_counter()
+        short, long = [0], [0] * min(self.block_size + 1, self.cfg.max_seq_len - 1)
+        greedy = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True, seed=0)
+        for batch in (1, 2) if max_batch > 1 else (1,):
+            for prompt in (short, long):
+                try:
+                    self.generate([prompt] * batch, greedy)
+                except RequestTooLarge:
+                    pass  # a cache too small to hold it never runs a step of that shape
+        return time.perf_counter() - t0
 
     def _static_stats(self) -> GenerationStats:
         size = torch.empty((), dtype=self.dtype).element_size()
@@ -284,8 +312,10 @@ class LLM:
         for r in requests:
             first = r.seqs[0]
             if first.needs_prompt_logprobs:
-                logits = self.model(torch.tensor([first.token_ids], device=self.device))[0][0, :-1].float()
-                first.prompt_logprobs = prompt_token_logprobs(logits, first.token_ids, r.params.prompt_logprobs)
+                start = r.params.prompt_logprobs_start
+                logits = self.model(torch.tensor([first.token_ids], device=self.device))[0][0, start - 1:-1].float()
+                first.prompt_logprobs = prompt_token_logprobs(logits, first.token_ids, r.params.prompt_logprobs,
+                                                              start)
             r.seqs += fork_samples(first, seq_ids)
             active += r.seqs
         st = self.stats = self._static_stats()

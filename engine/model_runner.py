@@ -6,8 +6,8 @@ computes the rest (at least its last token, so a 100% prefix hit still yields lo
 one token per sequence. `run` then follows the cache's protocol (kv_cache.py): begin(step), the
 forward (each layer calls cache.attend), and for decode steps that hold the new K/V back, commit.
 Only the last token of each sequence goes through the LM head, except in the prefill of a sequence
-that asks for prompt log-probabilities (SamplingParams.prompt_logprobs): there every prompt position
-does, one sequence at a time, and the runner stores the result on the sequence (seq.prompt_logprobs).
+that asks for prompt log-probabilities (SamplingParams.prompt_logprobs): there every prompt position it
+scores does, one sequence at a time, and the runner stores the result on the sequence (seq.prompt_logprobs).
 
 Decode steps go to the runner's decode path (decode.py): on CPU, for MHA/GQA/MQA models, the C++
 step (the whole forward, the new K/V written into the cache, logits and their argmax out) unless
@@ -79,15 +79,17 @@ class ModelRunner:
     def _prefill_logits(self, seqs: list[Sequence], idx: torch.Tensor, pos: torch.Tensor,
                         query_lens: list[int]) -> torch.Tensor:
         """Logits of each sequence's last token. A sequence that needs its prompt log-probs (admitted
-        without prefix hits, so its query is its whole prompt) gets them here from the logits of every
-        prompt position, one sequence at a time: only one [prompt_len, vocab] tensor lives at once."""
+        without prefix hits over the positions it scores, so its query holds them) gets them here from the
+        logits of those positions, one sequence at a time: only one [scored, vocab] tensor lives at once."""
         h = self.model.hidden_states(idx, pos, self.cache)[0]  # [T, dim]
         start = 0
         for seq, n in zip(seqs, query_lens):
             if seq.needs_prompt_logprobs:
-                p = seq.num_prompt_tokens
-                logits = self.model.lm_head(h[start:start + p - 1]).float()
-                seq.prompt_logprobs = prompt_token_logprobs(logits, seq.token_ids[:p], seq.params.prompt_logprobs)
+                p, first = seq.num_prompt_tokens, seq.params.prompt_logprobs_start
+                lo = start - (seq.num_tokens - n)  # row of position 0 (rows before start hold other sequences)
+                logits = self.model.lm_head(h[lo + first - 1:lo + p - 1]).float()
+                seq.prompt_logprobs = prompt_token_logprobs(logits, seq.token_ids[:p], seq.params.prompt_logprobs,
+                                                            first)
             start += n
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1  # each sequence's last token
         return self.model.lm_head(h.index_select(0, last)).float()

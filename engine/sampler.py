@@ -97,12 +97,14 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int]) 
     return [TokenLogprobs(picked[r], list(zip(top_i[r][:n], top_v[r][:n]))) for r, n in enumerate(num_top)]
 
 
-def prompt_token_logprobs(logits: torch.Tensor, prompt: list[int], num_top: int) -> list[Optional[TokenLogprobs]]:
-    """Prompt log-probs: logits [len(prompt) - 1, V] (raw) of positions 0..len(prompt) - 2, each
-    predicting the next prompt token. The first token has no context: its entry is None (as in vLLM)."""
-    if len(prompt) == 1:
-        return [None]
-    return [None, *token_logprobs(logits, prompt[1:], [num_top] * (len(prompt) - 1))]
+def prompt_token_logprobs(logits: torch.Tensor, prompt: list[int], num_top: int,
+                          first: int = 1) -> list[Optional[TokenLogprobs]]:
+    """Prompt log-probs of the tokens from index `first` on: logits [len(prompt) - first, V] (raw) of
+    positions first - 1..len(prompt) - 2, each predicting the next prompt token. The tokens before
+    `first` get None: the first token has no context (as in vLLM), the others were not asked for."""
+    scored = prompt[first:]
+    return [None] * (len(prompt) - len(scored)) + (token_logprobs(logits, scored, [num_top] * len(scored))
+                                                   if scored else [])
 
 
 class Sampler:

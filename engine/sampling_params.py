@@ -31,8 +31,13 @@ class SamplingParams:
     prompt_logprobs     report, for every prompt token after the first, its log-probability given the
                         tokens before it and the `prompt_logprobs` most likely tokens at its position
                         (vLLM's name and meaning; 0 = the token only; None = off), from the same
-                        distribution as logprobs. Such a request computes its whole prompt: it takes no
-                        prefix-cache hit (its blocks are still cached for others).
+                        distribution as logprobs. Such a request computes its prompt from the first
+                        position it scores: it takes no prefix-cache hit there (its blocks are still
+                        cached for others).
+    prompt_logprobs_start
+                        with prompt_logprobs: report prompt tokens from this index on (the entries before
+                        are None), so the blocks before it may come from the prefix cache: eval.py scores
+                        the continuations of one context computing the context once.
 
     The filters apply in this order: repetition penalty, temperature, top-k, top-p, min-p.
     """
@@ -50,6 +55,7 @@ class SamplingParams:
     return_logits: bool = False
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
+    prompt_logprobs_start: int = 1
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -79,4 +85,6 @@ class SamplingParams:
             value = getattr(self, name)
             need(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
                  f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
+        need(isinstance(self.prompt_logprobs_start, int) and self.prompt_logprobs_start >= 1,
+             f"prompt_logprobs_start must be an integer >= 1, got {self.prompt_logprobs_start!r}")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")

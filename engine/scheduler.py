@@ -8,7 +8,8 @@ Each step is either a prefill step or a decode step (prefill first, as in nano-v
     to the front of the waiting queue, to be recomputed by a later prefill (its tokens so far become
     its prompt for the cache; its output and RNG state are kept, so the result does not change).
     Nothing else is harmed: the victim only loses work.
-A sequence that still needs its prompt log-probabilities is admitted without prefix-cache hits.
+A sequence that still needs its prompt log-probabilities takes prefix-cache hits only before the
+first position it scores (SamplingParams.prompt_logprobs_start).
 
 Retiring (EOS unless ignore_eos, a stop string, max_new_tokens or the model's context) frees blocks;
 so does remove() + BlockManager.free() for a request that is aborted or fails (engine/core.py).
@@ -67,8 +68,9 @@ class Scheduler:
         admitted, num_tokens = [], 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            # Prompt log-probs need the logits of every prompt position: no hit may skip any.
-            hits = [] if seq.needs_prompt_logprobs else self.bm.match_prefix(seq)
+            hits = self.bm.match_prefix(seq)
+            if seq.needs_prompt_logprobs:  # prompt log-probs need the logits of the positions scored: no hit there
+                hits = hits[:(seq.params.prompt_logprobs_start - 1) // self.bm.block_size]
             new_tokens = seq.num_tokens - len(hits) * self.bm.block_size
             if admitted and num_tokens + new_tokens > self.max_num_batched_tokens:
                 break

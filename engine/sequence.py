@@ -6,8 +6,9 @@ Invariants (kept by the block manager and the scheduler):
   - num_computed_tokens tokens (a prefix of token_ids) have their K/V in the cache. Between steps a
     running sequence has num_computed_tokens == num_tokens - 1: only the last sampled token is new.
   - A waiting sequence owns no blocks (block_table == []) and num_computed_tokens == 0.
-  - prompt_logprobs, once set, holds one entry per prompt token (None for the first): it is set by the
-    prefill forward that computed the whole prompt (model_runner.py), and shared by forked samples.
+  - prompt_logprobs, once set, holds one entry per prompt token (None for the first, and for those before
+    params.prompt_logprobs_start): it is set by the prefill forward that computed the scored positions
+    (model_runner.py), and shared by forked samples.
   - token_ids only grow (appended to, never changed), so block_keys[i], the prefix-cache key of
     token_ids[:(i + 1) * block_size], stays valid once computed.
 """
@@ -51,7 +52,7 @@ class Sequence:
 
     @property
     def needs_prompt_logprobs(self) -> bool:
-        """Its next prefill must compute every prompt position (so it takes no prefix-cache hit)."""
+        """Its next prefill must compute every prompt position it scores (no prefix-cache hit there)."""
         return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
 
     @property

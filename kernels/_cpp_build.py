@@ -2,17 +2,25 @@
 
 Each source is compiled with the C++ compiler in $CXX (default c++) and -march=native into
 $SMALL_LLM_CACHE (default ~/.cache/small-llm)/kernels, under a name keyed by the source, the headers
-beside it, the build commands, the torch version and the CPU kind, so a changed kernel, a new torch
-or another machine sharing the home folder never loads a stale library. The library registers its operators under
+beside it, the build commands, the torch version and what -march=native targets here (native_target:
+the CPU and instruction sets the compiler enables), so a changed kernel, a new torch or another CPU
+sharing the home folder never loads a library built for something else. The library registers its operators under
 torch.ops.small_llm; the caller gives their fake (shape-only) implementations, which let
 torch.compile trace through them and keep each as one call.
 
 `load_once` never raises for a missing compiler or a failed build: it returns the one-line reason,
 and the caller falls back to its PyTorch path.
+
+Why not torch.utils.cpp_extension.load (torch 2.13): it needs ninja, which nothing else here does;
+its build folder is named after the extension alone (the source/flag hash only numbers versions
+within one process), so another CPU sharing the folder would get this one's library all the same;
+and its lock file outlives a build that was killed, after which every load waits forever
+(pytorch/pytorch#189245). Two compiler calls, a hashed name and an atomic rename avoid all three.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -51,13 +59,36 @@ def _build_commands(source: Path, obj: Path, lib: Path) -> list[list[str]]:
     return [compile_, link]
 
 
+def _run(cmd: list[str], stdin: str | None = None) -> str:
+    """Run a compiler command: its stdout, or RuntimeError with a one-line reason."""
+    try:
+        done = subprocess.run(cmd, input=stdin, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RuntimeError(f"no C++ compiler '{cmd[0]}' (install g++ or clang, or set CXX)") from None
+    if done.returncode:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"'{cmd[0]}' failed: {' | '.join(tail)}")
+    return done.stdout
+
+
+@functools.cache
+def native_target(cxx: str) -> str:
+    """What -march=native compiles for on this machine, as the compiler sees it: the macros it predefines
+    with that flag name the CPU (__znver3__, __skylake__, ...) and each instruction set it enables
+    (__AVX2__, __AVX512F__, __AVX512VNNI__, ...), plus the compiler's version. A library built for one
+    answer may crash (SIGILL) on a CPU with another, so the cache key holds it (GCC and Clang alike)."""
+    macros = _run([cxx, "-march=native", "-E", "-dM", "-x", "c++", "-"], stdin="")
+    return "\n".join(sorted(macros.splitlines()))  # sorted: their order is not part of the target
+
+
 def _library_path(source: Path) -> Path:
+    cmds = _build_commands(source, Path("kernel.o"), Path("kernel.so"))
     key = hashlib.sha256()
     key.update(source.read_bytes())
     for header in sorted(source.parent.glob("*.h")):  # the loops the sources share (linear.h, attention.h)
         key.update(header.read_bytes())
-    key.update(repr(_build_commands(source, Path("kernel.o"), Path("kernel.so"))).encode())
-    key.update(f"{torch.__version__} {platform.machine()} {torch.backends.cpu.get_cpu_capability()}".encode())
+    key.update(repr(cmds).encode())
+    key.update(f"{torch.__version__} {platform.machine()}\n{native_target(cmds[0][0])}".encode())
     return _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 
 
@@ -67,13 +98,7 @@ def _build(source: Path, lib: Path, what: str) -> None:
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         tmp_lib = Path(tmp) / lib.name
         for cmd in _build_commands(source, Path(tmp) / "kernel.o", tmp_lib):
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True)
-            except FileNotFoundError:
-                raise RuntimeError(f"no C++ compiler '{cmd[0]}' (install g++ or clang, or set CXX)") from None
-            if done.returncode:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-                raise RuntimeError(f"'{cmd[0]}' failed: {' | '.join(tail)}")
+            _run(cmd)
         os.replace(tmp_lib, lib)  # atomic: a concurrent build or a crash never leaves half a library
 
 

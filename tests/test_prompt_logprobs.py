@@ -24,9 +24,10 @@ def reference(model64, prompt: list[int]) -> torch.Tensor:
     return model64(torch.tensor([prompt]))[0][0, :-1].log_softmax(-1)
 
 
-def assert_matches(prompt_logprobs, prompt: list[int], ref: torch.Tensor, k: int = K):
-    assert len(prompt_logprobs) == len(prompt) and prompt_logprobs[0] is None
-    for i, (tok, got) in enumerate(zip(prompt[1:], prompt_logprobs[1:])):
+def assert_matches(prompt_logprobs, prompt: list[int], ref: torch.Tensor, k: int = K, start: int = 1):
+    """Entries from index `start` on match the reference; those before are None."""
+    assert len(prompt_logprobs) == len(prompt) and prompt_logprobs[:start] == [None] * min(start, len(prompt))
+    for i, (tok, got) in enumerate(zip(prompt[start:], prompt_logprobs[start:]), start - 1):
         assert abs(got.logprob - ref[i, tok].item()) < 1e-4, (i, got.logprob, ref[i, tok].item())
         want = ref[i].topk(k).values.tolist()
         assert len(got.top) == k
@@ -73,6 +74,31 @@ def test_prompt_logprobs_match_the_float64_forward(attention):
     assert llm.stats.blocks_used_end == 0
 
 
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_prompt_logprobs_from_a_start_take_prefix_hits_before_it(attention):
+    """Continuations of one context scored after it (eval.py's loglikelihood): with prompt_logprobs_start at
+    the first continuation token, the context's full blocks before that position come from the prefix
+    cache, and the scored entries still match the reference; the full-recompute path agrees."""
+    model = tiny_model(attention, seed=0)
+    model64 = copy.deepcopy(model).double()
+    context = prompts_of([40], seed=3)[0]
+    prompts = [context + c for c in prompts_of([3, 5, 1, 2], seed=4)]
+    sp = SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=K, prompt_logprobs_start=len(context))
+    llm = LLM(model=model, device="cpu", block_size=16)
+    first = llm.generate(prompts[:1], sp)[0]
+    assert llm.stats.prefix_hit_tokens == 0
+    outs = llm.generate(prompts[1:], sp)
+    assert llm.stats.prefix_hit_tokens == 3 * 32  # positions 0-31; position 39 (scores token 40) is in block 2
+    ref_llm = LLM(model=model, device="cpu", use_cache=False)
+    for p, o, r in zip(prompts, [first, *outs], ref_llm.generate(prompts, sp)):
+        assert_matches(o.prompt_logprobs, p, reference(model64, p), start=len(context))
+        assert_matches(r.prompt_logprobs, p, reference(model64, p), start=len(context))
+    # A start at or past the end scores nothing: every entry is None, and the whole prompt may be a hit.
+    beyond = SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=0, prompt_logprobs_start=100)
+    assert llm.generate([context[:32]], beyond)[0].prompt_logprobs == [None] * 32
+    assert llm.stats.blocks_used_end == 0
+
+
 def test_preempted_request_keeps_its_prompt_logprobs():
     """With too few blocks, running sequences are preempted and recomputed by a later prefill (which may
     take prefix hits then): the prompt log-probs of the first prefill stand, the tokens do not change."""
@@ -94,6 +120,9 @@ def test_bad_prompt_logprobs_are_one_line_errors():
     for bad in (-1, 21, 1.5):
         with pytest.raises(ValueError, match="prompt_logprobs must be between 0 and 20"):
             SamplingParams(prompt_logprobs=bad)
+    for bad in (0, -3, 2.0):
+        with pytest.raises(ValueError, match="prompt_logprobs_start must be an integer >= 1"):
+            SamplingParams(prompt_logprobs=0, prompt_logprobs_start=bad)
 
 
 @pytest.fixture(scope="module")

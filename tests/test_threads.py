@@ -25,6 +25,73 @@ def test_threads_for_respects_the_workload_cap():
     assert threads_for(2, 1.0, max_threads=2) == 1
 
 
+def write_proc_stat(path, ticks: dict[int, tuple[int, int]]) -> None:
+    """A /proc/stat whose CPU c has run ticks[c] = (busy, idle) clock ticks since boot; the first line
+    sums them all, as the kernel's does."""
+    line = "{} {} 0 0 {} 0 0 0 0 0 0"  # user nice system idle iowait irq softirq steal guest guest_nice
+    rows = [line.format("cpu ", sum(b for b, _ in ticks.values()), sum(i for _, i in ticks.values()))]
+    rows += [line.format(f"cpu{c}", b, i) for c, (b, i) in sorted(ticks.items())]
+    path.write_text("\n".join(rows + ["intr 12345 0 0", "ctxt 678"]) + "\n")
+
+
+@pytest.fixture
+def fake_host(tmp_path, monkeypatch):
+    """A 64-CPU host of which this process may use CPUs {0, 1}, no cgroup quota, our own threads idle.
+    Returns a function that advances every CPU by 100 ticks, busy on the CPUs it is given."""
+    import engine.threads as threads
+
+    stat = tmp_path / "stat"
+    now = {c: (0, 0) for c in range(64)}
+    write_proc_stat(stat, now)
+    monkeypatch.setattr(threads, "PROC_STAT", str(stat))
+    monkeypatch.setattr(threads, "allowed_cpus", lambda: {0, 1})
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(threads, "_own_ticks", lambda: 0)
+
+    def advance(busy_cpus):
+        for c, (b, i) in now.items():
+            now[c] = (b + 100, i) if c in busy_cpus else (b, i + 100)
+        write_proc_stat(stat, now)
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield advance
+    torch.set_num_threads(saved)
+
+
+def test_only_the_cpus_we_may_use_count(fake_host):
+    """Pinned to 2 of 64 CPUs: the other 62 all busy leave us both threads; one of ours busy takes one."""
+    gov = ThreadGovernor(interval=0.0)
+    assert gov.cores == 2 and gov.max_threads == 2
+    fake_host(busy_cpus=set(range(2, 64)))
+    assert gov.update() == 2 and torch.get_num_threads() == 2
+    fake_host(busy_cpus={1} | set(range(2, 64)))
+    assert gov.update() == 1 and torch.get_num_threads() == 1
+    fake_host(busy_cpus=set())
+    assert gov.update() == 2
+
+
+@pytest.mark.parametrize("cgroup,cpu_max,want", [
+    ("0::/user.slice/job\n", {"user.slice/job": "150000 100000\n"}, 2),  # 1.5 CPUs of quota: 2 threads
+    ("0::/\n", {"": "100000 100000\n"}, 1),                               # a container's own root
+    ("0::/docker/abc\n", {"": "200000 100000\n"}, 2),  # the host's path, the container's cgroupfs
+    ("0::/user.slice\n", {"user.slice": "max 100000\n"}, 8),               # no quota
+    ("4:cpu,cpuacct:/\n", {}, 8),                                          # cgroup v1: no cpu.max
+])
+def test_a_cgroup_quota_caps_the_threads(tmp_path, monkeypatch, cgroup, cpu_max, want):
+    import engine.threads as threads
+
+    (tmp_path / "cgroup").write_text(cgroup)
+    for folder, text in cpu_max.items():
+        (tmp_path / "fs" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / folder / "cpu.max").write_text(text)
+    monkeypatch.setattr(threads, "PROC_CGROUP", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(threads, "CGROUP_ROOT", str(tmp_path / "fs"))
+    monkeypatch.setattr(threads, "allowed_cpus", lambda: set(range(8)))
+    gov = ThreadGovernor(max_threads=8)
+    assert gov.cores == 8 and gov.max_threads == want
+
+
 def test_a_spinning_process_takes_a_thread(monkeypatch):
     """A child spinning on one core shows up as about one busy core, and the governor drops a thread.
 
@@ -89,15 +156,16 @@ def test_training_consults_the_governor_only_when_asked(corpus, data_cache, tmp_
     others = {"cores": 1.0}  # what other processes keep busy, as the next /proc/stat read will say
     ticks = {"busy": 0, "total": 0, "reads": 0}
 
-    def machine_ticks():  # 100 ticks per CPU of this machine pass between two reads
+    def cpu_ticks(cpus):  # 100 ticks per CPU of ours pass between two reads
         ticks["reads"] += 1
         ticks["busy"] += int(100 * others["cores"])
-        ticks["total"] += 100 * (os.cpu_count() or 1)
-        return ticks["busy"], ticks["total"]
+        ticks["total"] += 100 * len(cpus)
+        return ticks["busy"], ticks["total"], len(cpus)
 
-    monkeypatch.setattr(threads, "_machine_ticks", machine_ticks)
+    monkeypatch.setattr(threads, "_cpu_ticks", cpu_ticks)
     monkeypatch.setattr(threads, "_own_ticks", lambda: 0)  # our own time is not in the fake busy ticks
-    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads, "allowed_cpus", lambda: {0, 1})
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
     saved = torch.get_num_threads()
     try:
         for adaptive in (False, True):

@@ -16,6 +16,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig
+from evaluation import EvalError, require_harness
 from model.attention import BACKENDS
 from model.config import ModelConfig
 
@@ -52,6 +53,11 @@ class TrainConfig:
     eval_every: int = 100  # steps between evaluations (val loss, perplexity, bits per byte, a sample)
     eval_batches: int = 10  # batches of batch_size sequences per evaluation
     sample_tokens: int = 120  # tokens generated for the sample at each evaluation
+    # lm-evaluation-harness tasks scored at each evaluation on rank 0 and logged as <task>/<metric>
+    # (evaluation/harness.py, as eval.py scores them; needs requirements-eval.txt): task names or YAML
+    # files, e.g. [hellaswag,arc_easy]; null: none
+    eval_tasks: Optional[list[str]] = None
+    eval_tasks_limit: Optional[int] = None  # documents per train.eval_tasks task at each evaluation; null: all
     save_every: int = 200  # steps between checkpoints (also at the end, and at each new best evaluation)
     # checkpoints kept besides `best`: the newest N (1: `latest` only); each save deletes older ones
     keep_checkpoints: int = 1
@@ -168,6 +174,14 @@ def check_options(cfg) -> None:
     if t.adaptive_threads and (on_cuda or t.device == "mps"):
         raise TrainConfigError(f"train.adaptive_threads=true sets CPU threads, but this run trains on "
                                f"{'a GPU' if on_cuda else 'mps'}: drop it, or train on the CPU (train.device=cpu)")
+    if t.eval_tasks:
+        if t.parallel == "fsdp":
+            raise TrainConfigError("train.eval_tasks scores the whole model on one process, which "
+                                   "train.parallel=fsdp shards: use train.parallel=ddp or drop train.eval_tasks")
+        try:
+            require_harness("train.eval_tasks")
+        except EvalError as e:
+            raise TrainConfigError(str(e)) from None
     if t.resume and t.overwrite:
         raise TrainConfigError("train.resume and train.overwrite exclude each other: continue the run, or replace it")
     check_folder("out_dir", cfg.out_dir)

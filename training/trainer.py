@@ -115,6 +115,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         ckpt, pretrained = self._load_inputs(cli_overrides)
+        self.harness_tasks = self._load_eval_tasks()
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.raw_model = Transformer(self.model_cfg, backend=cfg.attention.backend).to(self.device)
@@ -207,6 +208,21 @@ class Trainer:
         if resumed and t.discard_later_checkpoints:
             for name in discard_later(self.ckpt_root, self.progress.step):
                 print(f"train.discard_later_checkpoints=true: deleted {self.ckpt_root / name}")
+
+    def _load_eval_tasks(self):
+        """train.eval_tasks, loaded once by rank 0, which scores them: (task manager, tasks) or None. A bad
+        task stops the run before its first step."""
+        from evaluation import EvalError
+
+        with fail_together(self.info):
+            if not self.cfg.train.eval_tasks or not self.info.is_main:
+                return None
+            from evaluation.harness import load_tasks
+
+            try:
+                return load_tasks(list(self.cfg.train.eval_tasks))
+            except EvalError as e:
+                raise TrainConfigError(str(e)) from None
 
     def _checkpoint_to_resume(self):
         """train.resume=true: out_dir's latest checkpoint; auto: that or None (no checkpoint: start over);
@@ -310,6 +326,11 @@ class Trainer:
                   "val_ppl": math.exp(min(val_loss, 50)),
                   "val_bpb": bits_per_byte(val_loss, self.eval_tokens, self.eval_bytes),
                   "elapsed_s": self.elapsed()}
+        if self.harness_tasks is not None:  # train.eval_tasks
+            from evaluation.harness import task_metrics
+
+            record.update(task_metrics(self.raw_model, self.data.tokenizer, *self.harness_tasks,
+                                       cfg.train.eval_tasks_limit, self.device))
         # Under FSDP every forward all-gathers weights: all ranks sample (the same text); rank 0 logs it.
         if cfg.train.sample_tokens > 0 and (info.is_main or forward_is_collective(self.raw_model)):
             text = sample_text(self.raw_model, self.data.tokenizer, "\n", cfg.train.sample_tokens, self.device,
