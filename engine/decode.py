@@ -1,22 +1,13 @@
-"""Decode paths: one step of one new token per sequence over the paged cache, behind one interface.
+"""Decode paths: one step of one new token per sequence over the paged cache, behind one interface,
+`path(step) -> (logits [S, vocab] float32, their argmax [S] or None)`.
 
-    path(step) -> (logits [S, vocab] float32, their argmax [S] or None)
-    FastPath.supports(model, cache) -> None, or why it cannot decode this model (one line)
-
-`TorchDecode` is the reference on every device: the model's own forward (model/llama.py) over the
-cache, whose decode backend does the attention (kv_cache.py: the gather path, or the device's paged
-kernel, C++ on CPU and Triton on CUDA). compile=True compiles it (CPU). A device may have one fast path
-that re-implements the forward, in FAST_PATHS:
-
-    device  fast path   supports
-    cpu     CppDecode   MHA/GQA/MQA (not MLA) with the model/llama.py modules, fp32 or int8 linears
-                        without bias, a float32 cache
-    cuda    (none)      the reference on the Triton paged kernel
-
-`fast_path` gives the device's fast path when it supports the model, else None (the runner then decodes
-with the reference), and says once, in one line, why it declined. So a model change the fast path does
-not implement is a visible fallback, not a silent slowdown; and tests/test_decode_paths.py runs every
-path against full recompute on every model option, so a change that breaks parity fails a test.
+`TorchDecode`, the reference on every device, is the model's own forward over the cache (whose decode
+backend attends: kv_cache.py); compile=True compiles it (CPU). A device may have one fast path that
+re-implements the forward, in FAST_PATHS: on CPU `CppDecode` (MHA/GQA/MQA, fp32 or int8 weights); on
+CUDA none, the reference on the Triton paged kernel is fast. A fast path says which models it computes
+exactly (`supports(model, cache)`: None or the reason it declines, one line), and `fast_path` says the
+reason once: a model change it does not implement is a visible fallback, not a silent slowdown.
+tests/test_decode_paths.py runs every path against full recompute on every model option.
 """
 
 import warnings
@@ -104,11 +95,10 @@ def compiled(forward):
 
 
 class CppDecode:
-    """CPU's fast path: the whole step in one C++ call (kernels/decode_step_cpu.py, the same numbers as the
-    reference to ~1e-6): tokens, positions, slots and block tables in, (logits [S, vocab], argmax [S]) out,
-    the new K/V written into the cache. It packs its own copy of the model's fp32 linear weights for
-    streaming; int8 weights (engine/quantize.py) it reads in place. It re-implements model/llama.py op
-    for op, so `supports` names every module it knows and declines any other."""
+    """CPU's fast path: the whole step in one C++ call (kernels/decode_step_cpu.py; the reference's numbers
+    to ~1e-6) that also writes the new K/V into the cache. It packs its own copy of the fp32 linear
+    weights; int8 weights (engine/quantize.py) it reads in place. It re-implements model/llama.py op for
+    op, so `supports` lists the modules it implements and declines any other."""
     name = "cpp"
     title = "the C++ decode step"
     attention = ("mha", "gqa", "mqa")

@@ -9,11 +9,8 @@ Only the last token of each sequence goes through the LM head, except in the pre
 that asks for prompt log-probabilities (SamplingParams.prompt_logprobs): there every prompt position it
 scores does, one sequence at a time, and the runner stores the result on the sequence (seq.prompt_logprobs).
 
-Decode steps go to the runner's decode path (decode.py): on CPU, for MHA/GQA/MQA models, the C++
-step (the whole forward, the new K/V written into the cache, logits and their argmax out) unless
-cpp_decode=False or compile=True; otherwise the PyTorch forward (decode.TorchDecode), which
-compile=True compiles (the first steps pay the compilation). Prefill always runs the PyTorch forward,
-eagerly.
+Prefill runs the PyTorch forward here, eagerly; decode steps go to the runner's one decode path
+(decode.py: the device's fast path where it supports the model, else the PyTorch forward).
 """
 
 from typing import Optional
@@ -67,23 +64,19 @@ class ModelRunner:
         step = self.step_inputs(seqs, is_prefill)
         if not is_prefill:
             return self.decode(step)
-        return self._prefill(seqs, step), None
+        return self._prefill_logits(seqs, step), None
 
     @torch.inference_mode()
-    def _prefill(self, seqs: list[Sequence], step: StepInputs) -> torch.Tensor:
-        self.cache.begin(step)
-        idx = long_tensor(step.token_ids, self.device).unsqueeze(0)
-        pos = long_tensor(step.positions, self.device).unsqueeze(0)
-        return self._prefill_logits(seqs, idx, pos, step.query_lens)
-
-    def _prefill_logits(self, seqs: list[Sequence], idx: torch.Tensor, pos: torch.Tensor,
-                        query_lens: list[int]) -> torch.Tensor:
+    def _prefill_logits(self, seqs: list[Sequence], step: StepInputs) -> torch.Tensor:
         """Logits of each sequence's last token. A sequence that needs its prompt log-probs (admitted
         without prefix hits over the positions it scores, so its query holds them) gets them here from the
         logits of those positions, one sequence at a time: only one [scored, vocab] tensor lives at once."""
+        self.cache.begin(step)
+        idx = long_tensor(step.token_ids, self.device).unsqueeze(0)
+        pos = long_tensor(step.positions, self.device).unsqueeze(0)
         h = self.model.hidden_states(idx, pos, self.cache)[0]  # [T, dim]
         start = 0
-        for seq, n in zip(seqs, query_lens):
+        for seq, n in zip(seqs, step.query_lens):
             if seq.needs_prompt_logprobs:
                 p, first = seq.num_prompt_tokens, seq.params.prompt_logprobs_start
                 lo = start - (seq.num_tokens - n)  # row of position 0 (rows before start hold other sequences)
@@ -91,5 +84,5 @@ class ModelRunner:
                 seq.prompt_logprobs = prompt_token_logprobs(logits, seq.token_ids[:p], seq.params.prompt_logprobs,
                                                             first)
             start += n
-        last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1  # each sequence's last token
+        last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1  # each sequence's last token
         return self.model.lm_head(h.index_select(0, last)).float()
