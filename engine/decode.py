@@ -38,10 +38,25 @@ class TorchDecode:
     name = "torch"
 
     def __init__(self, model: Transformer, cache: PagedKVCache, compile: bool = False):
+        """compile=True: the step under torch.compile (CPU; two graphs, batch 1 and batch >= 2, sizes are
+        dynamic after that), which sets two global compiler options."""
         if compile and cache.device.type != "cpu":
             raise ValueError("compile=True compiles the CPU decode path; on CUDA decoding uses the Triton paged kernel")
-        self.model, self.cache, self.compiled = model, cache, compile
-        self._step = compiled(self._decode_step) if compile else self._decode_step
+        self.model, self.cache, self.compiled, self._step = model, cache, compile, self._decode_step
+        if compile:
+            import torch._dynamo
+            import torch.fx.experimental._config as fx_config
+
+            fx_config.use_duck_shape = False  # do not tie unrelated sizes that happen to be equal
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+            # cpp_wrapper: the generated code calls its kernels from C++, not from a Python wrapper
+            # (measured: 3-10% faster decode steps at batch 1-16; compilation takes longer, ~40 s cold).
+            # freezing: the weights become constants of the graph instead of ~50 inputs checked and
+            # unpacked at every call (measured, alternated A/B: +5-25% decode tokens/s at batch 1 and
+            # 16). So the compiled step keeps the weights it was compiled with. weight_prepack off:
+            # oneDNN's packed linear was slower than MKL's GEMM on the column-major weights here.
+            self._step = torch.compile(self._decode_step, fullgraph=True, dynamic=False, options={
+                "cpp_wrapper": True, "freezing": True, "cpp.weight_prepack": False})
 
     @torch.inference_mode()
     def __call__(self, step: StepInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -74,24 +89,6 @@ class TorchDecode:
             for d in dims:
                 if t.shape[d] > 1:
                     maybe_mark_dynamic(t, d)
-
-
-def compiled(forward):
-    """`forward` under torch.compile, for CPU decode steps (two graphs: batch 1 and batch >= 2; sizes are
-    dynamic after that). Sets two global compiler options."""
-    import torch._dynamo
-    import torch.fx.experimental._config as fx_config
-
-    fx_config.use_duck_shape = False  # do not tie unrelated sizes that happen to be equal
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    # cpp_wrapper: the generated code calls its kernels from C++, not from a Python wrapper
-    # (measured: 3-10% faster decode steps at batch 1-16; compilation takes longer, ~40 s cold).
-    # freezing: the weights become constants of the graph instead of ~50 inputs checked and
-    # unpacked at every call (measured, alternated A/B: +5-25% decode tokens/s at batch 1 and
-    # 16). So the compiled step keeps the weights it was compiled with. weight_prepack off:
-    # oneDNN's packed linear was slower than MKL's GEMM on the column-major weights here.
-    return torch.compile(forward, fullgraph=True, dynamic=False, options={
-        "cpp_wrapper": True, "freezing": True, "cpp.weight_prepack": False})
 
 
 class CppDecode:

@@ -41,13 +41,11 @@ def math_attention(q, k, v, scale: float) -> torch.Tensor:
 
 
 def choose_backend(backend: str, device, dtype: torch.dtype) -> str:
-    """Decide, where a model is built, which backend runs its attention on `device` in `dtype`, and keep
-    the answer in the registry the forward reads (`chosen_backend`). All the side effects are here, once
-    per (backend, device, dtype): building our C++ kernel, the Triton self-check, the warning of a
-    fallback. "auto" is our Triton kernel on CUDA once it has passed its self-check there
-    (kernels/self_check.py), our C++ kernel on CPU in float32 (kernels/causal_attention_cpu.py), else
-    SDPA. Raises ValueError with a one-line message (callers may print it as is) for a backend that
-    cannot run on `device`."""
+    """The backend that runs `backend` on `device` in `dtype`, decided where a model is built and kept for
+    the forward (`chosen_backend`). Every side effect is here, once per key: our C++ kernel's build, the
+    Triton self-check (kernels/self_check.py), a fallback's warning. "auto" is our Triton kernel on CUDA
+    once it has passed its self-check, our C++ kernel on CPU in float32, else SDPA. Raises ValueError
+    with a one-line message (callers may print it as is) for a backend that cannot run on `device`."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # the forward sees "cuda:0", not "cuda"
         device = torch.device("cuda", torch.cuda.current_device())
