@@ -3,8 +3,7 @@ docs/engine.md for one request followed through these files).
 
     llm.py               LLM(ckpt).generate(prompts, SamplingParams(...)), offline, on the core
     core.py              the online engine: add_request / step / abort on one scheduler
-    async_engine.py      the engine thread serve.py runs: one thread owns the core, requests come in
-                         through an inbox
+    async_engine.py      the core in a thread of its own, for asyncio callers (serve.py)
     text.py              stop strings and streamed text
     scheduler.py         waiting/running queues, admission, preemption, retirement
     sequence.py          one sample of one request (plain data)
