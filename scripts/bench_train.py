@@ -36,7 +36,7 @@ from scripts.busy import spin_one_core
 from training.config import TrainConfig
 from training.metrics import flops_per_token, peak_flops
 from training.optim import build_optimizer
-from training.trainer import compile_for_training
+from training.trainer import choose_attention, compile_for_training
 
 # Ours: (optimizer, train.compile, the loss taken on the whole logits as before model/loss.py, attention.backend:
 # auto is our C++ kernel on CPU, as train.py runs); hf: transformers.
@@ -62,6 +62,7 @@ def train_step(forward, params, optimizer, clip: float, governor=None):
 def ours(cfg: ModelConfig, x: torch.Tensor, optimizer: str, compiled: bool, logits_loss: bool, backend: str,
          governor=None):
     torch.manual_seed(0)
+    choose_attention(backend, torch.device("cpu"))  # as the Trainer does
     model = Transformer(cfg, backend=backend)
     # As train.py compiles: this also turns on torch's deterministic mode, process-wide, so every variant of a
     # run that includes a compiled one (transformers too) steps in that mode.

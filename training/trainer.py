@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from checkpoint import CheckpointError, discard_later, load_checkpoint, load_pretrained, save_checkpoint
 from data import DataError, bits_per_byte, load_prepared, prepare
 from engine.threads import ThreadGovernor
-from model import Transformer
+from model import Transformer, choose_backend
 
 from .config import check_options, check_train_config
 from .distributed import (fail_together, forward_is_collective, full_state, gradient_sync, init_distributed,
@@ -89,6 +89,15 @@ def check_val_split(val_batches, cfg, world_size: int) -> None:
     if len(x) < world_size:
         raise DataError(f"the val split holds {len(x)} windows of train.seq_len={cfg.train.seq_len}, fewer than "
                         f"the {world_size} processes; lower train.seq_len or add data")
+
+
+def choose_attention(backend: str, device: torch.device) -> None:
+    """attention.backend's kernel, chosen once for the dtype attention runs in (bf16 under CUDA's autocast,
+    see Trainer.autocast; fp32 elsewhere): a kernel that cannot run stops the run before it starts."""
+    try:
+        choose_backend(backend, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
 
 
 class Trainer:
@@ -175,6 +184,7 @@ class Trainer:
                 pretrained, self.added_tokens = add_new_tokens(cfg, pretrained, self.data.tokenizer)
             self.model_cfg = OmegaConf.to_object(cfg.model)  # validates: raises ConfigError on inconsistent dims
             check_train_config(cfg, self.model_cfg, info.world_size)
+            choose_attention(cfg.attention.backend, self.device)
             self.config_dict = OmegaConf.to_container(cfg, resolve=True)
             t = cfg.train
             self.batches = self.data.train_batches(t.seq_len, t.batch_size, cfg.seed, info.rank, info.world_size)
