@@ -308,9 +308,11 @@ def _write(text: str) -> None:
 
 
 def check_chat_args(args) -> None:
-    clash = [name for name, on in (("--prompt", args.prompt), ("--prompt-file", args.prompt_file), ("--json", args.json),
-                                   ("--num-samples", args.num_samples > 1), ("--no-cache", args.no_cache)) if on]
-    if clash:
+    """--chat reads its messages at the terminal and answers one at a time; --system belongs to it."""
+    given = (("--prompt", args.prompt), ("--prompt-file", args.prompt_file), ("--json", args.json),
+             ("--num-samples", args.num_samples > 1), ("--no-cache", args.no_cache))
+    clash = [name for name, on in given if on]
+    if args.chat and clash:
         raise InputError(f"--chat reads its messages from the terminal, one reply at a time: drop {clash[0]}")
     if args.system is not None and not args.chat:
         raise InputError("--system is the opening message of a --chat: add --chat, or put it in the prompt")

@@ -146,12 +146,14 @@ def measure(args) -> str:
     lines = ["| model | prompt | exact match | replies ending with `<|im_end|>` |", "|---|---|---|---|"]
     lines += [f"| {name} | {prompt} | {acc:.1%} | {ended:.1%}{' (it has no such token)' if i == 0 else ''} |"
               for i, (name, prompt, acc, ended) in enumerate(rows)]
-    lines += ["", f"{len(tests)} held-out conversations, greedy, at most 16 new tokens. Base: {args.base_steps} steps of "
-              f"`python train.py model=tiny` on the plays ({base_s / 60:.1f} min); fine-tuning: {args.sft_steps} steps "
-              f"of `+experiment=sft` on {args.train} conversations ({sft_s / 60:.1f} min); scoring {eval_s:.0f} s. "
-              f"Measured {date.today()} on {machine()}, load average {' '.join(load0)} at the start and "
-              f"{' '.join(load1)} at the end, {(time.time() - t0) / 60:.1f} min in all, by `python -m scripts.chat_skill "
-              f"measure --out {args.out} --base-steps {args.base_steps} --sft-steps {args.sft_steps} --write-docs`."]
+    command = f"python -m scripts.chat_skill measure --out {args.out} --base-steps {args.base_steps} " \
+              f"--sft-steps {args.sft_steps} --write-docs"
+    lines += ["", f"{len(tests)} held-out conversations, greedy, at most 16 new tokens. Base: {args.base_steps} "
+              f"steps of `python train.py model=tiny` on the plays ({base_s / 60:.1f} min); fine-tuning: "
+              f"{args.sft_steps} steps of `+experiment=sft` on {args.train} conversations ({sft_s / 60:.1f} min); "
+              f"scoring {eval_s:.0f} s. Measured {date.today()} on {machine()}, load average {' '.join(load0)} at "
+              f"the start and {' '.join(load1)} at the end, {(time.time() - t0) / 60:.1f} min in all, by "
+              f"`{command}`."]
     return "\n".join(lines)
 
 

@@ -102,6 +102,6 @@ def chat_reply(llm, run: Path, messages: list[dict], max_new_tokens: int) -> tup
     from engine import SamplingParams
 
     ids = prompt_ids(messages, load_chat_template(run), llm.tokenizer)
-    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, stop_token_ids=[end_of_turn_id(llm.tokenizer)])
-    out = llm.generate([ids], params)[0]
+    end = end_of_turn_id(llm.tokenizer)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=max_new_tokens, stop_token_ids=[end]))[0]
     return out.text, out.token_ids
