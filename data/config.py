@@ -25,11 +25,12 @@ class DataConfig:
     # text: a file, a glob ("books/**/*.txt") or a folder (searched recursively for
     # .txt, .md and .jsonl). Each .txt/.md file is one document; each .jsonl line is
     # one document, its text in column data.text_column. Relative to the current directory.
+    # chat: a .jsonl file, glob or folder of conversations.
     path: Optional[str] = None
     # Optional separate validation text (file, glob or folder, same formats as data.path).
     # When set, all of the main source is used for training and data.val_fraction is ignored.
     val_path: Optional[str] = None
-    # hf: the dataset name on the Hub ("roneneldan/TinyStories"), or a local path:
+    # hf (and chat, its `messages` column): the dataset name on the Hub ("roneneldan/TinyStories"), or a local path:
     # a folder of parquet/json/csv files, or a folder written by Dataset.save_to_disk.
     name: Optional[str] = None
     # hf: the dataset config (subset), e.g. "wikitext-2-raw-v1"; None for the default.
