@@ -253,12 +253,9 @@ def arms(rows: list[dict], by: tuple) -> list[dict]:
 def arm_table(arm_rows: list[dict]) -> list[str]:
     seeds = sorted({s for a in arm_rows for s in a["bpb_by_seed"]})
     cols = ["arm", *[f"seed {s}" for s in seeds], "mean val bits/byte", "mean val loss", "minutes", "train tok/s"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
-    for a in arm_rows:
-        cells = [a["arm"], *[fmt(a["bpb_by_seed"].get(s), ".4f") for s in seeds], fmt(a["val_bpb"], ".4f"),
-                 fmt(a["val_loss"], ".4f"), fmt(a["minutes"], ".1f"), fmt(a["train_tokens_per_s"], ",.0f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return md_table(cols, [[a["arm"], *[fmt(a["bpb_by_seed"].get(s), ".4f") for s in seeds], fmt(a["val_bpb"], ".4f"),
+                            fmt(a["val_loss"], ".4f"), fmt(a["minutes"], ".1f"), fmt(a["train_tokens_per_s"], ",.0f")]
+                           for a in arm_rows])
 
 
 # ---- decode throughput (the paged engine) ---------------------------------------------------------
@@ -329,9 +326,10 @@ def fmt_pm(mean, std, spec: str) -> str:
     return fmt(mean, spec) + ("" if std is None else f" ± {format(std, spec.lstrip('+'))}")
 
 
-def md_table(cols: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|",
-            *["| " + " | ".join(r) + " |" for r in rows]]
+def md_table(cols: list[str], rows: list[list[str]], text_columns: int = 1) -> list[str]:
+    """A markdown table, its first `text_columns` columns left-aligned, the numbers right-aligned."""
+    align = ["---"] * text_columns + ["---:"] * (len(cols) - text_columns)
+    return ["| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|", *["| " + " | ".join(r) + " |" for r in rows]]
 
 
 TABLE_COLUMNS = ["variant", "data", "seed", "params", "KV B/token/layer", "KV B/token", "KV @ context", "val loss",
@@ -376,17 +374,17 @@ def seed_section(data: str, runs: list[dict], summary: list[dict]) -> list[str]:
                f"vocab {m['vocab_size']}; batch {t.get('batch_size')} x {t.get('seq_len')} tokens; "
                f"{steps} steps ({tokens} tokens); seeds {seeds}")
     cols = [c.format(name=name, ref=ref) for c in SEED_COLUMNS]
-    return [f"### {data}: {name}", "", setting, "", *md_table(cols, seed_rows(data, runs, summary)), "",
+    return [f"### {data}: {name}", "", setting, "", *md_table(cols, seed_rows(data, runs, summary), 2), "",
             *[f"- {verdict(e, unit, '+' + spec)}." for e in summary[1:]], ""]
 
 
-SERVING_COLUMNS = ["variant", "KV B/token (fp32)", "largest batch", "decode tok/s at that batch", "preemptions",
-                   "load (1 min)", "checkpoint"]
+SERVING_COLUMNS = ["variant", "checkpoint", "KV B/token (fp32)", "largest batch", "decode tok/s at that batch",
+                   "preemptions", "load (1 min)"]
 
 
 def serving_section(serving: list[dict], opts) -> list[str]:
-    rows = [[s["variant"], f"{s['kv_bytes_per_token']:,}", str(s["batch"]), fmt(s["decode_tokens_per_s"], ",.0f"),
-             str(s["preemptions"]), f"{s['loadavg']:.2f}", s["run_dir"]] for s in serving]
+    rows = [[s["variant"], s["run_dir"], f"{s['kv_bytes_per_token']:,}", str(s["batch"]),
+             fmt(s["decode_tokens_per_s"], ",.0f"), str(s["preemptions"]), f"{s['loadavg']:.2f}"] for s in serving]
     s0 = serving[0]
     return ["### Serving: what the smaller cache buys", "",
             f"Paged engine (engine.LLM) on the CPU, fp32, the same KV budget for every variant: "
@@ -395,7 +393,7 @@ def serving_section(serving: list[dict], opts) -> list[str]:
             "tokens, EOS ignored, prefix caching off. Largest batch: the most sequences the budget holds at once; "
             "decode tok/s: tokens from decode steps / time in decode steps, that batch decoded together. "
             "Load: the 1-minute load average as each measurement began (2 cores: above 2, the figures are low).", "",
-            *md_table(SERVING_COLUMNS, rows), ""]
+            *md_table(SERVING_COLUMNS, rows, 2), ""]
 
 
 def markdown(rows: list[dict], sweep: Path, plots: dict, diffs: list[str], batch: int, decoded: bool,
@@ -409,7 +407,7 @@ def markdown(rows: list[dict], sweep: Path, plots: dict, diffs: list[str], batch
     if serving:
         out += serving_section(serving, serving_opts)
     cols = [c.format(batch=batch) for c in TABLE_COLUMNS]
-    out += ["## Runs", "", *md_table(cols, table_rows(rows)), ""]
+    out += ["## Runs", "", *md_table(cols, table_rows(rows), 2), ""]
     if arm_rows:
         out += ["Per arm (seed columns: val bits/byte of each run; means over the arm's seeds; minutes: wall-clock "
                 "of a run, mean):", "", *arm_table(arm_rows), ""]
@@ -474,6 +472,10 @@ def _quality_vs_kv(plt, rows: list[dict], seeds: dict, colors: dict, path: Path)
             ax.errorbar(kv[e["variant"]], e["mean"], yerr=e["std"] or 0.0, fmt="o", ms=6, capsize=5,
                         color=colors[e["variant"]])
             ax.annotate(e["variant"], (kv[e["variant"]], e["mean"]), textcoords="offset points", xytext=(6, 4))
+        vocab = (runs[0]["_config"].get("data") or {}).get("recall_vocab") if data == "recall" else None
+        if vocab:  # what a guess among the values scores
+            ax.axhline(1 / vocab, ls="--", color="grey", lw=1, label=f"a guess (1/{vocab})")
+            ax.legend(loc="upper right")
         xs = sorted({kv[e["variant"]] for e in seeds[data]})
         if xs:
             ax.set_xscale("log", base=2)
