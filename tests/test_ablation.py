@@ -335,6 +335,7 @@ def test_matched_kv_preset_equalises_kv_bytes_per_token(size, rank):
     assert ModelConfig(**m["gqa"]).kv_cache_bytes_per_token() == ModelConfig(**m["mla"]).kv_cache_bytes_per_token()
 
 
+@pytest.mark.filterwarnings("ignore:the C\\+\\+ decode step does not apply")  # MLA: the PyTorch step, as meant
 @pytest.mark.parametrize("attention, fp32_bytes_per_token", [("gqa", 2 * 2 * 2 * 16 * 4), ("mla", 2 * (32 + 8) * 4)])
 def test_serving_batch_fits_the_kv_budget_and_one_more_does_not(attention, fp32_bytes_per_token, tmp_path):
     """tests/builders.tiny_config: 2 layers, GQA 2 kv heads of 16, MLA latent 32 + rope 8. Sequences of 8 + 24
