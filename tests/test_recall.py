@@ -126,6 +126,7 @@ def test_trainer_logs_recall_accuracy_of_the_held_out_answers(data_cache, tmp_pa
     """A short run on data=recall: each evaluation logs val_recall_acc, which must be the share of the val
     windows' answers the checkpoint's model predicts, counted here by the loops above."""
     from checkpoint import load_model
+    from engine import LLM, SamplingParams
 
     out = tmp_path / "run"
     cfg = compose_config([
@@ -150,3 +151,8 @@ def test_trainer_logs_recall_accuracy_of_the_held_out_answers(data_cache, tmp_pa
                     scored, right = scored + 1, right + int(pred[b, t] == answer)
     assert scored == windows * PAIRS  # evaluation windows are whole sequences: every query counts
     assert evals[-1]["val_recall_acc"] == pytest.approx(right / scored)
+    # The checkpoint's word-level tokenizer serves generation like any other.
+    llm = LLM(out, device="cpu")
+    (done,) = llm.generate(["<|endoftext|> k1 v3 k1"], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    assert done.prompt_token_ids == [0, 2, 20, 2] and len(done.token_ids) == 3
+    assert all(w[0] in "kv" and w[1:].isdigit() for w in done.text.split())
