@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 
 from .config import EOT, check_config
 from .errors import DataError
+from .recall import write_recall
 from .sources import describe, load_documents, source_fingerprint
 from .split import split_documents
 from .tokenizer import load_tokenizer, token_dtype, train_tokenizer, vocab_size_of
@@ -76,7 +77,7 @@ def cache_inputs(cfg) -> dict:
         if not os.path.isfile(path):
             load_tokenizer(cfg.tokenizer_path)  # raises the DataError
         inputs["tokenizer"] = {"sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
-    else:
+    elif cfg.source != "recall":  # data=recall: its word-level tokenizer follows from source_fingerprint's vocab
         inputs["tokenizer"] = {"bpe_vocab_size": cfg.vocab_size}
     return inputs
 
@@ -142,6 +143,17 @@ def prepare(cfg) -> PreparedData:
 def _build(cfg, inputs: dict, key: str, tmp: Path) -> None:
     t0 = time.time()
     print(f"data: preparing {describe(cfg)} -> {tmp.parent}", flush=True)
+    meta = {"source": describe(cfg)}
+    meta.update(write_recall(cfg, tmp) if cfg.source == "recall" else _tokenize_documents(cfg, tmp))
+    meta.update(key=key, inputs=inputs, pipeline_version=PIPELINE_VERSION,
+                build_seconds=round(time.time() - t0, 2))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(f"data: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens, "
+          f"vocab {meta['vocab_size']}, {meta['build_seconds']} s", flush=True)
+
+
+def _tokenize_documents(cfg, tmp: Path) -> dict:
+    """Text sources: split the documents, train (or load) the tokenizer, write the token files; the meta fields."""
     docs, val = load_documents(cfg)
     if val is None:
         train, val = split_documents(docs, cfg.val_fraction, cfg.seed, cfg.chunk_chars)
@@ -158,17 +170,13 @@ def _build(cfg, inputs: dict, key: str, tmp: Path) -> None:
     vocab_size, eot_id = vocab_size_of(tok), tok.token_to_id(EOT)
     dtype = token_dtype(vocab_size)
 
-    meta = {"source": describe(cfg), "vocab_size": vocab_size, "eot_id": eot_id, "eot_token": EOT,
+    meta = {"vocab_size": vocab_size, "eot_id": eot_id, "eot_token": EOT,
             "dtype": dtype.name, "tokenizer": cfg.tokenizer_path or f"byte-level BPE trained on train split"}
     for split, split_docs in (("train", train), ("val", val)):
         n_tokens, n_bytes = _write_tokens(split_docs, tok, eot_id, dtype, tmp, split, cfg.num_proc)
         meta.update({f"n_{split}_tokens": n_tokens, f"n_{split}_bytes": n_bytes,
                      f"n_{split}_documents": len(split_docs)})
-    meta.update(key=key, inputs=inputs, pipeline_version=PIPELINE_VERSION,
-                build_seconds=round(time.time() - t0, 2))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    print(f"data: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens, "
-          f"vocab {vocab_size}, {meta['build_seconds']} s", flush=True)
+    return meta
 
 
 def _write_tokens(docs: datasets.Dataset, tok: Tokenizer, eot_id: int, dtype: np.dtype,
