@@ -46,7 +46,8 @@ COMMANDS = {
     "pip install -r requirements-eval.txt": "make test installs it (requirements-dev.txt)",
     "python eval.py --ckpt runs/a --text README.md": {},
     "python train.py -m +experiment=attention_ablation": {"train.max_steps": "2", "train.eval_every": "2",
-                                                          "hydra.sweep.dir": "multirun/ablation"},
+                                                          "hydra.sweep.dir": "multirun/ablation",
+                                                          "seed": "1337", "data": "shakespeare"},  # 4 runs
     "python -m scripts.ablation_report multirun/<date>/<time>": {"multirun/<date>/<time>": "multirun/ablation"},
     "torchrun --standalone --nproc_per_node=2 train.py out_dir=runs/ddp train.max_steps=100": TINY_TRAIN,
     "make test-slow": "the suite this test belongs to",
