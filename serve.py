@@ -16,7 +16,7 @@ repetition_penalty, ignore_eos. Log-probabilities are those of the model's distr
 temperature and filters). Completions with echo and logprobs cover the prompt too (OpenAI's legacy
 format: the first prompt token has null log-probs), which is how evaluation harnesses score a text;
 max_tokens 0 with echo scores the prompt without generating (the engine's one token is dropped, as
-vLLM does). Chat prompts: server/chat.py (a Hugging Face chat template, or a plain one).
+vLLM does). Chat prompts: server/chat.py (the checkpoint's chat template, docs/chat.md, or plain turns).
 
 Limits: a request holds one place per sample (its prompts times n); --max-num-seqs samples run and
 --max-queue more wait, and a request that finds no room for all of its samples gets 429 at once (one
@@ -95,10 +95,9 @@ def load(args):
     """(the app's state, its app) for the command line's checkpoint and limits."""
     from generate import InputError, check_device
 
-    from checkpoint import CheckpointError
+    from checkpoint import CheckpointError, load_chat_template
     from engine import LLM
     from server.app import MAX_BODY_BYTES, Server, create_app
-    from server.chat import load_chat_template
 
     device = None if args.device == "auto" else check_device(args.device)
     try:

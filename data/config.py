@@ -8,7 +8,7 @@ from typing import Optional
 
 from .errors import DataError
 
-SOURCES = ("shakespeare", "text", "hf", "recall")
+SOURCES = ("shakespeare", "text", "hf", "recall", "chat")
 EOT = "<|endoftext|>"   # the special token appended after every document
 MIN_VOCAB = 256 + 1     # byte-level BPE needs the 256 bytes plus the EOT token
 
@@ -20,6 +20,8 @@ class DataConfig:
     #   text        - local .txt/.md/.jsonl files named by data.path
     #   hf          - a Hugging Face dataset named by data.name (Hub name or local path)
     #   recall      - synthetic key-value recall sequences (data/recall.py), with their own word-level tokenizer
+    #   chat        - conversations for supervised fine-tuning (data/conversations.py): .jsonl files of
+    #                 {"messages": [...]} named by data.path, or a dataset with a `messages` column named by data.name
     source: str = "shakespeare"
     # text: a file, a glob ("books/**/*.txt") or a folder (searched recursively for
     # .txt, .md and .jsonl). Each .txt/.md file is one document; each .jsonl line is
@@ -80,9 +82,12 @@ def check_config(cfg) -> None:
     """
     if cfg.source not in SOURCES:
         raise DataError(f"unknown data source {cfg.source!r}; use data=shakespeare, "
-                        f"data=text data.path=..., data=hf data.name=... or data=recall")
+                        f"data=text data.path=..., data=hf data.name=..., data=recall or data=chat data.path=...")
     if cfg.source == "text" and not cfg.path:
         raise DataError("data=text needs a file, glob or folder: data=text data.path=...")
+    if cfg.source == "chat" and bool(cfg.path) == bool(cfg.name):
+        raise DataError("data=chat needs one source of conversations: data.path=FILE.jsonl (or a glob or folder of "
+                        ".jsonl files) or data.name=<a Hugging Face dataset with a messages column>")
     if cfg.source == "hf" and not cfg.name:
         raise DataError("data=hf needs a dataset: data.name=<Hub name or local path>, "
                         "e.g. data.name=roneneldan/TinyStories")

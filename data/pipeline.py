@@ -5,6 +5,7 @@ Layout of a cache folder <cache_dir>/<source>-<hash>/:
                          an EOT token after every document
     tokenizer.json       the tokenizer that produced them
     meta.json            vocab_size, eot_id, dtype, token/byte/document counts, source, inputs
+(data=chat writes conversations with their training masks instead: data/conversations.py.)
 
 A folder is built in a temporary sibling and renamed into place only when complete, so a crash
 never leaves a half-written cache, and a second process building the same data at the same time
@@ -28,7 +29,9 @@ import tokenizers
 from tokenizers import Tokenizer
 
 from .config import EOT, check_config
+from .conversations import chat_fingerprint, describe_chat, load_chat, write_chat
 from .errors import DataError
+from .loader import TokenBatches, eval_batches, eval_text_size
 from .recall import write_recall
 from .sources import describe, load_documents, source_fingerprint
 from .split import split_documents
@@ -51,6 +54,18 @@ class PreparedData:
     def vocab_size(self) -> int:
         return self.meta["vocab_size"]
 
+    sample_prompt = "\n"  # the prompt of the samples at evaluations
+
+    # What the trainer reads through (data=chat's ChatData has the same methods: data/conversations.py).
+    def train_batches(self, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        return TokenBatches(self.train, seq_len, batch_size, seed, rank, world_size)
+
+    def val_batches(self, seq_len: int, batch_size: int, max_batches):
+        return eval_batches(self.val, seq_len, batch_size, max_batches)
+
+    def val_text_size(self, seq_len: int, batch_size: int, max_batches) -> tuple[int, int]:
+        return eval_text_size(self.val, self.tokenizer, seq_len, batch_size, max_batches)
+
 
 def bits_per_byte(loss_nats: float, n_tokens: int, n_bytes: int) -> float:
     """Convert a mean per-token loss (nats) into bits per UTF-8 byte of text.
@@ -69,7 +84,7 @@ def cache_inputs(cfg) -> dict:
     that do not apply (val_fraction when val_path is given, vocab_size with a given tokenizer).
     """
     inputs = {"pipeline_version": PIPELINE_VERSION, "tokenizers": tokenizers.__version__,
-              "source": source_fingerprint(cfg)}
+              "source": chat_fingerprint(cfg) if cfg.source == "chat" else source_fingerprint(cfg)}
     if cfg.val_path is None:
         inputs["split"] = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "chunk_chars": cfg.chunk_chars}
     if cfg.tokenizer_path:
@@ -94,11 +109,13 @@ def cache_folder(cfg) -> Path:
 
 
 def load_prepared(dir) -> PreparedData:
-    """Reopen a folder written by prepare()."""
+    """Reopen a folder written by prepare() (a ChatData for data=chat)."""
     d = Path(dir)
     if not (d / "meta.json").is_file():
         raise DataError(f"{d} is not a prepared data folder (no meta.json); run prepare() first")
     meta = json.loads((d / "meta.json").read_text())
+    if meta.get("format") == "chat":
+        return load_chat(d, meta)
     dtype = np.dtype(meta["dtype"])
     return PreparedData(
         dir=d,
@@ -142,9 +159,12 @@ def prepare(cfg) -> PreparedData:
 
 def _build(cfg, inputs: dict, key: str, tmp: Path) -> None:
     t0 = time.time()
-    print(f"data: preparing {describe(cfg)} -> {tmp.parent}", flush=True)
-    meta = {"source": describe(cfg)}
-    meta.update(write_recall(cfg, tmp) if cfg.source == "recall" else _tokenize_documents(cfg, tmp))
+    chat = cfg.source == "chat"
+    source = describe_chat(cfg) if chat else describe(cfg)
+    print(f"data: preparing {source} -> {tmp.parent}", flush=True)
+    meta = {"source": source}
+    meta.update(write_chat(cfg, tmp) if chat else write_recall(cfg, tmp) if cfg.source == "recall"
+                else _tokenize_documents(cfg, tmp))
     meta.update(key=key, inputs=inputs, pipeline_version=PIPELINE_VERSION,
                 build_seconds=round(time.time() - t0, 2))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

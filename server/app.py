@@ -11,7 +11,7 @@ import time
 import uuid
 import weakref
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,7 +26,7 @@ from engine import RequestTooLarge, SamplingParams
 from engine.async_engine import AsyncEngine, EngineStopped
 from engine.core import check_prompt
 
-from .chat import render_chat
+from .chat import render_chat, reply_ends
 from .openai_format import Sample, chat_body, chat_chunk, completion_body, completion_chunk, sse, usage
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
 
@@ -44,6 +44,7 @@ class Server:
                  max_body_bytes: int = MAX_BODY_BYTES):
         self.llm, self.model_name, self.max_queue = llm, model_name, max_queue
         self.chat_template, self.max_body_bytes = chat_template, max_body_bytes
+        self.chat_stops, self.chat_stop_ids = reply_ends(chat_template, llm.tokenizer)
         self.engine = AsyncEngine(llm.core)
         self.ctx = llm.cfg.max_seq_len
         self.capacity = llm.max_num_seqs + max_queue
@@ -165,7 +166,8 @@ def chat_job(server: Server, req: ChatRequest) -> Job:
     ids = server.tokenize([render_chat(messages, server.chat_template)])
     max_tokens = req.max_completion_tokens or req.max_tokens or max(1, server.ctx - len(ids[0]))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, logprobs)
+    params = replace(sampling_params(req, max_tokens, logprobs), stop=req.stops + server.chat_stops,
+                     stop_token_ids=server.chat_stop_ids)
     samples = [Sample(k, server.llm.decode, params.stop) for k in range(req.n)]
     h, lp = head(server, "chatcmpl", "chat.completion"), logprobs is not None
     return Job(ids, params, samples, partial(chat_chunk, h, lp), partial(chat_body, h, lp))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -202,15 +203,15 @@ def test_completions_and_chat_match_offline_generate(server, llm):
         assert abs(lp.token_logprobs[k] - ref_lp[k, tok].item()) < 1e-4
         assert len(lp.top_logprobs[k]) <= 3 and max(lp.top_logprobs[k].values()) == pytest.approx(
             ref_lp[k].max().item(), abs=1e-4)
-    # Chat with the plain template (this checkpoint has no chat template), not streamed and streamed.
+    # Chat with the plain template (this checkpoint has no chat template): replies end at "\nUser:".
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "To be?"}]
     prompt = "System: Be brief.\n\nUser: To be?\n\nAssistant:"
-    ref = offline(llm, prompt, temperature=0, max_new_tokens=10, ignore_eos=True)
+    ref = offline(llm, prompt, temperature=0, max_new_tokens=10, ignore_eos=True, stop=["\nUser:"])
     r = c.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].message.content == ref.text and r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == len(llm.encode(prompt))
-    ref = offline(llm, prompt, temperature=1.0, seed=3, max_new_tokens=10, ignore_eos=True)
+    ref = offline(llm, prompt, temperature=1.0, seed=3, max_new_tokens=10, ignore_eos=True, stop=["\nUser:"])
     stream = c.chat.completions.create(model=model, messages=messages, max_tokens=10, seed=3, stream=True,
                                        extra_body={"ignore_eos": True})
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == ref.text
@@ -427,39 +428,46 @@ def test_queue_limit_and_sigterm_drain(run_dir, llm):
         s.stop()
 
 
-def test_playground_in_headless_chromium(server, llm, tmp_path):
-    """The page at /: type a prompt, press Generate, the streamed completion appears (Debian's chromium
-    driven by playwright; a screenshot is saved in the test's tmp folder when it fails)."""
+@contextmanager
+def browser_page(shot: Path):
+    """A page of Debian's headless Chromium (driven by playwright), every wait on it bounded by 300 s (an upper
+    bound on what must happen, not a race); a screenshot is saved at `shot` when the test fails."""
     from playwright.sync_api import sync_playwright
 
     if not Path("/usr/bin/chromium").exists():
         pytest.fail("Chromium is missing: apt-get install -y chromium (.ci/run does it)")
-    expect = offline(llm, "Once upon", temperature=0, max_new_tokens=12).text
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"], timeout=300_000)
         page = browser.new_page()
-        page.set_default_timeout(300_000)  # waits below are upper bounds on what must happen, not races
+        page.set_default_timeout(300_000)
         try:
-            page.goto(server.url + "/")
-            page.wait_for_function(f"document.getElementById('model').textContent === '{RUN_NAME}'")
-            page.fill("#prompt", "Once upon")
-            page.fill("#max_tokens", "12")
-            page.fill("#temperature", "0")
-            page.click("#generate")
-            page.wait_for_function("document.getElementById('gen_stats').textContent.includes('finish: length')")
-            page.wait_for_function("document.getElementById('gen_stats').textContent.startsWith('12 tokens')")
-            assert page.text_content("#completion") == expect
-            assert page.text_content("#error") == ""
-            page.wait_for_function("document.getElementById('server_stats').textContent.includes('KV blocks')")
+            yield page
         except Exception:
-            shot = tmp_path / "playground.png"
             page.screenshot(path=str(shot))
             print(f"screenshot: {shot}")
             raise
         finally:
             browser.close()
+
+
+def test_playground_in_headless_chromium(server, llm, tmp_path):
+    """The page at /: type a prompt, press Generate, the streamed completion appears (Debian's chromium
+    driven by playwright; a screenshot is saved in the test's tmp folder when it fails)."""
+    expect = offline(llm, "Once upon", temperature=0, max_new_tokens=12).text
+    with browser_page(tmp_path / "playground.png") as page:
+        page.goto(server.url + "/")
+        page.wait_for_function(f"document.getElementById('model').textContent === '{RUN_NAME}'")
+        page.fill("#prompt", "Once upon")
+        page.fill("#max_tokens", "12")
+        page.fill("#temperature", "0")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('gen_stats').textContent.includes('finish: length')")
+        page.wait_for_function("document.getElementById('gen_stats').textContent.startsWith('12 tokens')")
+        assert page.text_content("#completion") == expect
+        assert page.text_content("#error") == ""
+        page.wait_for_function("document.getElementById('server_stats').textContent.includes('KV blocks')")
 
 
 def test_bench_serve_runs_end_to_end(server):
@@ -484,8 +492,8 @@ def test_default_served_model_name(run_dir, tmp_path):
     test_serve_limits.py's --served-model-name.)"""
     from checkpoint.hf import write_hf_folder
     from checkpoint.load import load_pretrained
+    from checkpoint import load_chat_template
     from serve import default_model_name
-    from server.chat import load_chat_template
 
     ckpt = (run_dir / "checkpoints" / "latest").resolve()
     for folder in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "latest", ckpt):
@@ -503,7 +511,8 @@ def test_chat_template_from_tokenizer_config(run_dir, tmp_path):
     prompt; without one the plain template is used."""
     import shutil
 
-    from server.chat import load_chat_template, render_chat
+    from checkpoint import load_chat_template
+    from server.chat import render_chat
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert load_chat_template(str(run_dir)) is None
