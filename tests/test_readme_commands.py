@@ -43,6 +43,9 @@ COMMANDS = {
     "python export.py --ckpt runs/a --format hf --out exports/a-hf": {},
     "python export.py --ckpt runs/a --format gguf --out exports/a.gguf --outtype q8_0": {},
     "python generate.py --ckpt exports/a-hf --prompt **ROMEO** --max-new-tokens 16": {},
+    "python -m scripts.chat_skill data --out chat_skill": {},
+    "python train.py +experiment=sft train.init_from=runs/a data=chat data.path=chat_skill/train.jsonl "
+    "out_dir=runs/sft": TINY_TRAIN,
     "pip install -r requirements-eval.txt": "make test installs it (requirements-dev.txt)",
     "python eval.py --ckpt runs/a --text README.md": {},
     "python train.py -m +experiment=attention_ablation": {"train.max_steps": "2", "train.eval_every": "2",
