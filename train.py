@@ -29,7 +29,7 @@ from training.interrupt import StopOnSignal
 from training.trainer import Trainer
 
 register_configs()
-register_resolvers()  # ${sweep_group:...}, ${matched_ffn_dim:...} of conf/experiment/attention_ablation*.yaml
+register_resolvers()  # ${sweep_group:...}, ${matched_ffn_dim:...}, ${matched_kv_lora_rank:...} (conf/experiment/)
 
 
 def command_line_overrides() -> list[str]:

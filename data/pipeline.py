@@ -32,6 +32,7 @@ from .config import EOT, check_config
 from .conversations import chat_fingerprint, describe_chat, load_chat, write_chat
 from .errors import DataError
 from .loader import TokenBatches, eval_batches, eval_text_size
+from .recall import write_recall
 from .sources import describe, load_documents, source_fingerprint
 from .split import split_documents
 from .tokenizer import load_tokenizer, token_dtype, train_tokenizer, vocab_size_of
@@ -91,7 +92,7 @@ def cache_inputs(cfg) -> dict:
         if not os.path.isfile(path):
             load_tokenizer(cfg.tokenizer_path)  # raises the DataError
         inputs["tokenizer"] = {"sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
-    else:
+    elif cfg.source != "recall":  # data=recall: its word-level tokenizer follows from source_fingerprint's vocab
         inputs["tokenizer"] = {"bpe_vocab_size": cfg.vocab_size}
     return inputs
 
@@ -159,9 +160,11 @@ def prepare(cfg) -> PreparedData:
 def _build(cfg, inputs: dict, key: str, tmp: Path) -> None:
     t0 = time.time()
     chat = cfg.source == "chat"
-    print(f"data: preparing {describe_chat(cfg) if chat else describe(cfg)} -> {tmp.parent}", flush=True)
-    meta = {"source": describe_chat(cfg) if chat else describe(cfg)}
-    meta.update(write_chat(cfg, tmp) if chat else _tokenize_documents(cfg, tmp))
+    source = describe_chat(cfg) if chat else describe(cfg)
+    print(f"data: preparing {source} -> {tmp.parent}", flush=True)
+    meta = {"source": source}
+    meta.update(write_chat(cfg, tmp) if chat else write_recall(cfg, tmp) if cfg.source == "recall"
+                else _tokenize_documents(cfg, tmp))
     meta.update(key=key, inputs=inputs, pipeline_version=PIPELINE_VERSION,
                 build_seconds=round(time.time() - t0, 2))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

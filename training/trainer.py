@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from checkpoint import CheckpointError, discard_later, load_checkpoint, load_pretrained, save_checkpoint
 from data import DataError, bits_per_byte, load_prepared, prepare
+from data.recall import recall_hits
 from engine.threads import ThreadGovernor
 from model import Transformer, choose_backend
 
@@ -312,13 +314,21 @@ class Trainer:
         The mean is over the same windows whatever the number of processes: each rank scores its share
         of every batch's rows (shares may differ by one row) and the token-weighted sums are added."""
         cfg, info, step = self.cfg, self.info, self.progress.step
+        recall = self.data.meta.get("recall")  # data=recall: also the share of answers right (data/recall.py)
         self.model.eval()
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        answers = torch.zeros(2, dtype=torch.float64, device=self.device)  # data=recall: right, scored
         for x, y in self.data.val_batches(cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches):
             count += (y != -1).sum().item()  # the scored targets (data=chat scores the replies only)
             x, y = x.tensor_split(info.world_size)[info.rank], y.tensor_split(info.world_size)[info.rank]
+            x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
-                _, loss = self.model(x.to(self.device), y.to(self.device))
+                if recall is None:
+                    _, loss = self.model(x, y)
+                else:  # the logits, to score the answers too: recall's vocabulary is small
+                    logits, _ = self.model(x)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    answers += recall_hits(logits, x, y, recall)
             total += loss.double() * (y != -1).sum()
         self.model.train()
         val_loss = (sum_across_ranks(total, info) / count).item()
@@ -327,6 +337,9 @@ class Trainer:
                   "val_ppl": math.exp(min(val_loss, 50)),
                   "val_bpb": bits_per_byte(val_loss, self.eval_tokens, self.eval_bytes),
                   "elapsed_s": self.elapsed()}
+        if recall is not None:
+            right, scored = sum_across_ranks(answers, info).tolist()
+            record["val_recall_acc"] = right / max(scored, 1)
         if self.harness_tasks is not None:  # train.eval_tasks
             from evaluation.harness import task_metrics
 
