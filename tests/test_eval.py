@@ -165,7 +165,7 @@ class Served:
 
     def __init__(self, run: Path):
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", str(run), "--port", "0",
-                                      "--model-name", "tiny"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      "--served-model-name", "tiny"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         log = []
         for line in self.proc.stderr:  # uvicorn names its address once it listens
