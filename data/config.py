@@ -67,13 +67,13 @@ class DataConfig:
     # Seed of the train/val split (data=recall: of the generated sequences).
     seed: int = 1337
     # data=recall (data/recall.py): key-value pairs per sequence, each queried once later in it
-    recall_pairs: int = 16
+    recall_pairs: int = 8
     # data=recall: distinct keys, and distinct values (so a guess is right 1 time in recall_vocab)
-    recall_vocab: int = 64
-    # data=recall: tokens per sequence, at least 1 + 4 x recall_pairs (conf/data/recall.yaml: train.seq_len)
-    recall_seq_len: int = 128
+    recall_vocab: int = 32
+    # data=recall: tokens per sequence, at least 1 + 4 x recall_pairs and at most train.seq_len
+    recall_seq_len: int = 64
     # data=recall: sequences generated; data.val_fraction of them are held out for validation
-    recall_sequences: int = 20000
+    recall_sequences: int = 40000
 
 
 def check_config(cfg) -> None:

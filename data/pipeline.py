@@ -32,7 +32,7 @@ from .config import EOT, check_config
 from .conversations import chat_fingerprint, describe_chat, load_chat, write_chat
 from .errors import DataError
 from .loader import TokenBatches, eval_batches, eval_text_size
-from .recall import write_recall
+from .recall import AnswerBatches, answer_targets, write_recall
 from .sources import describe, load_documents, source_fingerprint
 from .split import split_documents
 from .tokenizer import load_tokenizer, token_dtype, train_tokenizer, vocab_size_of
@@ -57,11 +57,16 @@ class PreparedData:
     sample_prompt = "\n"  # the prompt of the samples at evaluations
 
     # What the trainer reads through (data=chat's ChatData has the same methods: data/conversations.py).
+    # data=recall scores the answers alone: every other target becomes -1, which the loss ignores.
     def train_batches(self, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        return TokenBatches(self.train, seq_len, batch_size, seed, rank, world_size)
+        batches = TokenBatches(self.train, seq_len, batch_size, seed, rank, world_size)
+        recall = self.meta.get("recall")
+        return batches if recall is None else AnswerBatches(batches, recall)
 
     def val_batches(self, seq_len: int, batch_size: int, max_batches):
-        return eval_batches(self.val, seq_len, batch_size, max_batches)
+        batches = eval_batches(self.val, seq_len, batch_size, max_batches)
+        recall = self.meta.get("recall")
+        return batches if recall is None else ((x, answer_targets(x, y, recall)) for x, y in batches)
 
     def val_text_size(self, seq_len: int, batch_size: int, max_batches) -> tuple[int, int]:
         return eval_text_size(self.val, self.tokenizer, seq_len, batch_size, max_batches)

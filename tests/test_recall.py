@@ -12,9 +12,9 @@ from tokenizers import Tokenizer
 
 import train
 from conftest import compose_config
-from data import DataConfig, DataError, eval_batches, prepare
+from data import DataConfig, DataError, TokenBatches, eval_batches, prepare
 from data.config import check_config
-from data.recall import generate, recall_hits
+from data.recall import AnswerBatches, answer_targets, generate, recall_hits
 
 PAIRS, VOCAB, SEQ_LEN = 8, 16, 64  # keys are ids 1..16, values 17..32, <|endoftext|> 0
 SPEC = {"pairs": PAIRS, "vocab": VOCAB, "seq_len": SEQ_LEN, "first_key": 1, "eot_id": 0}
@@ -85,14 +85,28 @@ def test_a_model_that_copies_scores_one_and_a_guess_one_in_vocab():
     x, y = w[:, :-1], w[:, 1:]
     expected = sum(len(answers_in(row)) for row in x.tolist())
     assert expected > 1500  # cut windows still hold many queries
-    right, scored = recall_hits(copying_logits(x), x, y, SPEC).tolist()
-    assert scored == expected and right == scored
+    targets = answer_targets(x, y, SPEC)
+    scored = int((targets != -1).sum())
+    assert scored == expected and recall_hits(copying_logits(x), targets) == scored
     # Guessing among the values (uniform scores on them, nothing elsewhere): right 1 time in VOCAB.
     g = torch.Generator().manual_seed(1)
     guess = torch.full((*x.shape, 1 + 2 * VOCAB), -1e9)
     guess[..., VOCAB + 1:] = torch.rand(*x.shape, VOCAB, generator=g)
-    right, scored = recall_hits(guess, x, y, SPEC).tolist()
+    right = int(recall_hits(guess, targets))
     assert right / scored == pytest.approx(1 / VOCAB, abs=0.02)  # over 3 standard errors at ~1,700 answers
+
+
+def test_training_batches_keep_the_answers_alone():
+    """AnswerBatches: every target is -1 (ignored by the loss) but at the answers, which are the values."""
+    stream = generate(100, SEQ_LEN, PAIRS, VOCAB, seed=2).reshape(-1)
+    batches = AnswerBatches(TokenBatches(stream, 48, 16, seed=0), SPEC | {"seq_len": 48})
+    for step in range(3):
+        x, y = batches.get_batch(step)
+        for row_x, row_y in zip(x.tolist(), y.tolist()):
+            answers = answers_in(row_x)
+            assert row_y == [answers.get(t, -1) for t in range(len(row_x))]
+    with pytest.raises(DataError, match="train.seq_len=48 is shorter than data.recall_seq_len=64"):
+        AnswerBatches(TokenBatches(stream, 48, 16, seed=0), SPEC)
 
 
 def test_prepare_recall_writes_sequences_and_a_word_level_tokenizer(tmp_path):
@@ -123,10 +137,12 @@ def test_bad_recall_options_name_the_fix(change, message):
 
 
 def test_trainer_logs_recall_accuracy_of_the_held_out_answers(data_cache, tmp_path):
-    """A short run on data=recall: each evaluation logs val_recall_acc, which must be the share of the val
-    windows' answers the checkpoint's model predicts, counted here by the loops above."""
+    """A short run on data=recall: each evaluation logs val_recall_acc and val_loss, which must be the share of
+    the val windows' answers the checkpoint's model predicts and its mean loss on them, counted here by the
+    loops above."""
     from checkpoint import load_model
     from engine import LLM, SamplingParams
+    from model import Transformer
 
     out = tmp_path / "run"
     cfg = compose_config([
@@ -134,23 +150,37 @@ def test_trainer_logs_recall_accuracy_of_the_held_out_answers(data_cache, tmp_pa
         f"data.cache_dir={data_cache}", "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=64",
         "model.max_seq_len=64", f"train.seq_len={SEQ_LEN}", "train.batch_size=8", "train.max_steps=4",
         "train.eval_every=2", "train.eval_batches=2", "train.sample_tokens=4", "train.warmup_steps=1",
-        "train.progress=false", "wandb.mode=disabled", f"out_dir={out}"])
+        "train.log_every=1", "train.progress=false", "wandb.mode=disabled", f"out_dir={out}"])
     train.run(cfg)
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["val_recall_acc"] <= 1 for r in evals)
     model, _, _ = load_model(out, torch.device("cpu"), torch.float32)
     data = prepare(OmegaConf.to_object(cfg.data))  # the run's data, from the cache
-    right = scored = windows = 0
+    # The first step's loss: the initial weights (the trainer seeds them with cfg.seed) on step 0's windows,
+    # every target but the answers ignored.
+    torch.manual_seed(cfg.seed)
+    initial = Transformer(model.cfg)
+    x, y = TokenBatches(data.train, SEQ_LEN, 8, seed=cfg.seed).get_batch(0)
+    targets = torch.full_like(y, -1)
+    for b, row in enumerate(x.tolist()):
+        for t, answer in answers_in(row).items():
+            targets[b, t] = answer
+    with torch.no_grad():
+        assert records[0]["train_loss"] == pytest.approx(initial(x, targets)[1].item(), rel=1e-4)
+    right = scored = windows = nats = 0
     with torch.no_grad():
         for x, y in eval_batches(data.val, SEQ_LEN, 8, 2):
             windows += len(x)
-            pred = model(x)[0].argmax(-1)
+            logp = torch.log_softmax(model(x)[0].double(), -1)
             for b, row in enumerate(x.tolist()):
                 for t, answer in answers_in(row).items():
                     assert y[b, t] == answer
-                    scored, right = scored + 1, right + int(pred[b, t] == answer)
+                    scored, right = scored + 1, right + int(logp[b, t].argmax() == answer)
+                    nats -= logp[b, t, answer].item()
     assert scored == windows * PAIRS  # evaluation windows are whole sequences: every query counts
     assert evals[-1]["val_recall_acc"] == pytest.approx(right / scored)
+    assert evals[-1]["val_loss"] == pytest.approx(nats / scored, rel=1e-5)  # the loss is on the answers alone
     # The checkpoint's word-level tokenizer serves generation like any other.
     llm = LLM(out, device="cpu")
     (done,) = llm.generate(["<|endoftext|> k1 v3 k1"], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))

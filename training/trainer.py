@@ -314,22 +314,23 @@ class Trainer:
         The mean is over the same windows whatever the number of processes: each rank scores its share
         of every batch's rows (shares may differ by one row) and the token-weighted sums are added."""
         cfg, info, step = self.cfg, self.info, self.progress.step
-        recall = self.data.meta.get("recall")  # data=recall: also the share of answers right (data/recall.py)
+        recall = self.data.meta.get("recall")  # data=recall: the answers alone, and the share right (data/recall.py)
         self.model.eval()
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        answers = torch.zeros(2, dtype=torch.float64, device=self.device)  # data=recall: right, scored
+        right = torch.zeros((), dtype=torch.float64, device=self.device)  # data=recall: answers right
         for x, y in self.data.val_batches(cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches):
-            count += (y != -1).sum().item()  # the scored targets (data=chat scores the replies only)
+            count += (y != -1).sum().item()  # the scored targets (data=chat: the replies; data=recall: the answers)
             x, y = x.tensor_split(info.world_size)[info.rank], y.tensor_split(info.world_size)[info.rank]
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
                 if recall is None:
                     _, loss = self.model(x, y)
-                else:  # the logits, to score the answers too: recall's vocabulary is small
+                    total += loss.double() * (y != -1).sum()
+                else:  # the logits, to score the answers too (recall's vocabulary is small)
                     logits, _ = self.model(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                    answers += recall_hits(logits, x, y, recall)
-            total += loss.double() * (y != -1).sum()
+                    total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
+                                             reduction="sum").double()
+                    right += recall_hits(logits, y)
         self.model.train()
         val_loss = (sum_across_ranks(total, info) / count).item()
         self._stop_if_diverged("val loss", val_loss)
@@ -338,8 +339,7 @@ class Trainer:
                   "val_bpb": bits_per_byte(val_loss, self.eval_tokens, self.eval_bytes),
                   "elapsed_s": self.elapsed()}
         if recall is not None:
-            right, scored = sum_across_ranks(answers, info).tolist()
-            record["val_recall_acc"] = right / max(scored, 1)
+            record["val_recall_acc"] = sum_across_ranks(right, info).item() / count
         if self.harness_tasks is not None:  # train.eval_tasks
             from evaluation.harness import task_metrics
 
