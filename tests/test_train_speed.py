@@ -2,6 +2,9 @@
 own FLOP counter (tests/test_train.py checks the logged MFU with it), the trainer's fused AdamW against torch's
 for-loop AdamW, the compiled step against the eager one."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +114,21 @@ def test_compiled_step_matches_eager(attention):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=0, atol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_inductor_cache_goes_to_dot_cache_unless_chosen(monkeypatch):
+    """compile_for_training keeps Inductor's caches in .cache/torchinductor (README, `make clean`), though
+    importing torch._dynamo has already written torch's default folder into TORCHINDUCTOR_CACHE_DIR; a
+    folder the user chose stays."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    try:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))  # what the import wrote
+        compile_for_training(torch.nn.Linear(2, 2), torch.device("cpu"))
+        assert cache_dir() == str(Path(".cache/torchinductor").resolve())
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+        compile_for_training(torch.nn.Linear(2, 2), torch.device("cpu"))
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
+    finally:  # the mode is process-wide: leave the other tests as they were
+        torch.use_deterministic_algorithms(False)
+

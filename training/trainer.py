@@ -40,8 +40,13 @@ from .sample import sample_text
 def compile_for_training(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """train.compile=true: the model through torch.compile (Inductor), bitwise repeatable on CPU."""
     # Inductor's FX-graph and AOTAutograd caches (on by default) turn the next run's compilation into a load
-    # from disk: keep them beside the data cache, where `make clean` and .gitignore know them.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(".cache/torchinductor").resolve()))
+    # from disk: keep them beside the data cache, where `make clean` and .gitignore know them, unless the user
+    # chose a folder. Importing torch._dynamo (model/attention.py does) already wrote torch's default folder,
+    # /tmp/torchinductor_<user>, into the variable: that one is replaced too.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(".cache/torchinductor").resolve())
     if device.type == "cpu":
         # Inductor's CPU code for the embedding's backward adds each token's gradient row with atomics, in
         # whatever order the threads arrive: two runs of one command differed in the last bits after one step.
