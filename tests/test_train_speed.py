@@ -4,6 +4,7 @@ for-loop AdamW, the compiled step against the eager one."""
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,3 +133,52 @@ def test_inductor_cache_goes_to_dot_cache_unless_chosen(monkeypatch):
     finally:  # the mode is process-wide: leave the other tests as they were
         torch.use_deterministic_algorithms(False)
 
+
+def bench_options(corpus, data_cache) -> list[str]:
+    """The tests' tiny run as scripts/bench_train.py's options (it adds out_dir, and quiets its Trainers itself)."""
+    from conftest import tiny_overrides
+
+    return [o for o in tiny_overrides(corpus, data_cache, Path("unused"))
+            if not o.startswith(("out_dir=", "train.progress=", "wandb.mode="))]
+
+
+def test_bench_steps_are_the_trainers(corpus, data_cache, tmp_path, monkeypatch):
+    """scripts/bench_train.py times Trainer.train_step itself (what train.py runs), not a copy of it: each
+    step it times is a call of the method, on a Trainer of the variant's config."""
+    from scripts import bench_train
+    from training.trainer import Trainer
+
+    calls = []
+    real = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self: calls.append(self.cfg.train.optimizer) or real(self))
+    args = SimpleNamespace(loop=False, warmup=1, steps=2)
+    step, timed, _ = bench_train.build("adamw", args, bench_options(corpus, data_cache), tmp_path, None)
+    assert timed() > 0 and calls == ["adamw"] * 3  # the warm-up step, then the two timed
+
+
+def test_bench_loop_time_is_the_trainers_clock(corpus, data_cache, tmp_path, monkeypatch):
+    """--loop: the seconds per step of train.py's whole loop, from the trainer's own clock between its log
+    lines at train.log_every and at the last step; a fake clock charging 0.25 s a step (and 7 s for each
+    evaluation, which the loop makes after the last step only) makes the answer exact."""
+    import training.trainer as trainer
+    from scripts import bench_train
+
+    clock = SimpleNamespace(now=0.0)
+    clock.time = lambda: clock.now
+    monkeypatch.setattr(trainer, "time", clock)
+    real_step, real_eval = trainer.Trainer.train_step, trainer.Trainer.evaluate
+
+    def step(self):
+        clock.now += 0.25
+        return real_step(self)
+
+    def evaluate(self):
+        clock.now += 7.0
+        return real_eval(self)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
+    monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate)
+    cfg = bench_train.config(bench_options(corpus, data_cache) + [
+        f"out_dir={tmp_path / 'loop'}", "train.log_every=2", "train.max_steps=8", "train.eval_every=4"])
+    seconds, share = bench_train.loop_seconds_per_step(cfg)
+    assert seconds == 0.25 and share > 0
