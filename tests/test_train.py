@@ -62,22 +62,28 @@ class Crash(Exception):
     pass
 
 
+def crash_after_save(monkeypatch, at_step: int):
+    """Make the checkpoint of `at_step` raise Crash right after it is written, as a killed run would;
+    returns the real save_checkpoint, to put back."""
+    real_save = trainer.save_checkpoint
+
+    def save_then_crash(root, step, *args, **kw):
+        path = real_save(root, step, *args, **kw)
+        if step == at_step:
+            raise Crash
+        return path
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    return real_save
+
+
 @pytest.mark.parametrize("optimizer", ["muon", pytest.param("adamw", marks=pytest.mark.slow)])  # the default, and the other
 def test_resume_is_exact(optimizer, corpus, data_cache, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     base = tiny_overrides(corpus, data_cache, straight) + ["train.grad_accum=2", f"train.optimizer={optimizer}"]
     train.run(compose_config(base))
 
-    # Crash right after the step-3 checkpoint, as a killed run would, then resume to step 6.
-    real_save = trainer.save_checkpoint
-
-    def save_then_crash(root, step, *args, **kw):
-        path = real_save(root, step, *args, **kw)
-        if step == 3:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    real_save = crash_after_save(monkeypatch, 3)  # then resume to step 6
     with pytest.raises(Crash):
         train.run(compose_config(base + [f"out_dir={resumed}"]))
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
@@ -393,15 +399,7 @@ def test_resume_of_a_time_budgeted_run_is_exact(corpus, data_cache, tmp_path, mo
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.run(compose_config(budget_overrides(corpus, data_cache, straight)))
 
-    real_save = trainer.save_checkpoint
-
-    def save_then_crash(root, step, *args, **kw):
-        path = real_save(root, step, *args, **kw)
-        if step == 15:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    real_save = crash_after_save(monkeypatch, 15)
     with pytest.raises(Crash):
         train.run(compose_config(budget_overrides(corpus, data_cache, resumed)))
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
