@@ -164,6 +164,7 @@ def evaluate_text(args, device) -> None:
 
     from checkpoint import load_model
     from evaluation.text import text_bits_per_byte
+    from model import choose_backend
 
     try:
         text = Path(args.text).read_text(encoding="utf-8")
@@ -171,6 +172,7 @@ def evaluate_text(args, device) -> None:
         raise InputError(f"cannot read --text {args.text}: {e}") from None
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")  # generate.py's default
     model, tokenizer, _ = load_model(args.ckpt, device, torch.float32)
+    choose_backend("auto", device, torch.float32)  # whole windows through the forward: attention as training runs it
     seq_len = args.seq_len or run_seq_len(args.ckpt) or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise InputError(f"--seq_len {seq_len} exceeds the model's context of {model.cfg.max_seq_len} tokens")

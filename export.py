@@ -105,10 +105,11 @@ def export(args) -> Path:
         if args.format == "hf":
             built = tmp / "model"
             write_hf_folder(built, p.config, p.state_dict, p.tokenizer_path, p.eos_id, DTYPES[args.dtype],
-                            card=model_card(p, out.name))
+                            card=model_card(p, out.name), chat_template=p.chat_template)
         else:
             built = tmp / "model.gguf"
-            write_gguf(built, p.config, p.state_dict, p.tokenizer_path, p.eos_id, args.outtype, name=out.stem)
+            write_gguf(built, p.config, p.state_dict, p.tokenizer_path, p.eos_id, args.outtype, name=out.stem,
+                       chat_template=p.chat_template)
         old = tmp / "old"
         if out.exists():  # --force: the old output goes only once the new one is whole
             os.replace(out, old)

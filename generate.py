@@ -5,6 +5,7 @@
     python generate.py --ckpt runs/a/checkpoints/step_0001000 --prompt "ROMEO:" --num-samples 4 --seed 1
     python generate.py --ckpt runs/a --prompt "Once" --stream
     python generate.py --ckpt runs/a --prompt "Once" --temperature 0 --no-cache   # the slow reference
+    python generate.py --ckpt runs/sft --chat --system "Answer briefly."            # chat in the terminal
 
 --ckpt takes a run folder (out_dir), its checkpoints/ folder, or one checkpoint folder. Without a
 prompt, generation starts from a single newline. --prompt-file holds one prompt per line (empty lines
@@ -29,6 +30,14 @@ sampling values, an empty prompt, a prompt that is not UTF-8, a --prompt-file th
 prints one line `error: ...` on stderr and exits with 2; a --prompt-file's leading UTF-8 byte-order
 mark is dropped. If stdout's reader goes away (`generate.py ... | head -c 100`), it stops quietly
 with exit code 1.
+
+--chat: a conversation at the terminal (chat()). Each message you type is sent with the conversation so
+far, rendered by the checkpoint's chat template (docs/chat.md; a model without one gets plain
+"User:"/"Assistant:" turns and stops at "\nUser:"); the reply streams and ends at the end-of-turn token.
+When the conversation no longer fits the context with room for --max-new-tokens, its oldest turns are
+left out (a note says so; --system stays); a message that cannot fit even alone is refused and the chat
+goes on. /reset starts a new conversation; Ctrl-C stops a reply (the message is taken back); Ctrl-D or
+Ctrl-C at the prompt ends the chat.
 """
 
 import argparse
@@ -88,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "in the warm-up: 1-2 min, 20-40 s once Inductor's disk cache has it; needs a C++ "
                         "compiler); MHA/GQA/MQA models otherwise decode through the faster C++ step")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
+    p.add_argument("--chat", action="store_true", help="chat at the terminal with the checkpoint's chat template")
+    p.add_argument("--system", default=None, help="--chat: a system message that opens the conversation")
     return p.parse_args(argv)
 
 
@@ -296,10 +307,91 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def check_chat_args(args) -> None:
+    """--chat reads its messages at the terminal and answers one at a time; --system belongs to it."""
+    given = (("--prompt", args.prompt), ("--prompt-file", args.prompt_file), ("--json", args.json),
+             ("--num-samples", args.num_samples > 1), ("--no-cache", args.no_cache))
+    clash = [name for name, on in given if on]
+    if args.chat and clash:
+        raise InputError(f"--chat reads its messages from the terminal, one reply at a time: drop {clash[0]}")
+    if args.system is not None and not args.chat:
+        raise InputError("--system is the opening message of a --chat: add --chat, or put it in the prompt")
+
+
+def chat(args) -> int:
+    """--chat: read a message, stream the reply, keep both; until end of input (see the module docstring)."""
+    from dataclasses import replace
+    from itertools import count
+
+    from checkpoint import load_chat_template
+    from data.chat import PLAIN_STOP, end_of_turn_id
+
+    seed, (params,) = sampling_params(args, 1)
+    llm, _ = load_llm(args)
+    template = load_chat_template(args.ckpt)
+    end = end_of_turn_id(llm.tokenizer) if template else None
+    params = replace(params, stop=params.stop + ([] if template else [PLAIN_STOP]),
+                     stop_token_ids=[] if end is None else [end])
+    llm.warmup(max_batch=1)
+    how = "the checkpoint's chat template" if template else "no chat template: plain User:/Assistant: turns"
+    print(f"chat: {how}, seed {seed}; /reset starts over, Ctrl-D ends", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = []
+    for turn in count():
+        try:
+            text = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if text.strip() == "/reset":
+            history = []
+            continue
+        if text.strip():
+            history = chat_turn(llm, params, template, system, history + [{"role": "user", "content": text}], seed,
+                                turn)
+
+
+def chat_turn(llm, params, template, system: list, history: list, seed: int, turn: int) -> list:
+    """Reply to the last message of `history`, streamed; the history to go on with (with the reply; without the
+    turns left out to fit the context; without the message if it was refused or the reply stopped)."""
+    from dataclasses import replace
+
+    from data.chat import prompt_ids
+    from engine.sampler import request_seed
+    from engine.text import TextStream
+
+    ctx, kept = llm.cfg.max_seq_len, history
+    ids = prompt_ids(system + kept, template, llm.tokenizer)
+    while len(ids) + params.max_new_tokens > ctx and len(kept) > 1:
+        kept = kept[2:]  # the oldest exchange: a message and its reply
+        ids = prompt_ids(system + kept, template, llm.tokenizer)
+    if len(ids) >= ctx:
+        print(f"error: this message makes a prompt of {len(ids)} tokens, but the model's context is {ctx}: send a "
+              "shorter one", file=sys.stderr)
+        return history[:-1]
+    if kept is not history:
+        print(f"note: the conversation outgrew the model's context of {ctx} tokens: its oldest "
+              f"{len(history) - len(kept)} turns are left out", file=sys.stderr)
+        history = kept
+    stream = TextStream(llm.decode, params.stop)
+    try:
+        out = llm.generate([ids], replace(params, seed=request_seed(seed, turn), max_new_tokens=min(
+            params.max_new_tokens, ctx - len(ids))), on_token=lambda i, j, t: _write(stream.push(t)))[0]
+    except KeyboardInterrupt:
+        print("\n(stopped)", file=sys.stderr)
+        return history[:-1]
+    _write(stream.finish(out.text) + "\n")
+    if out.finish_reason == "length":
+        print(f"(the reply stopped at {len(out.token_ids)} tokens: --max-new-tokens or the context)", file=sys.stderr)
+    reply = out.text if template else out.text.strip()  # plain turns put their own space after "Assistant:"
+    return history + [{"role": "assistant", "content": reply}]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        code = run(args)
+        check_chat_args(args)
+        code = chat(args) if args.chat else run(args)
         sys.stdout.flush()  # a reader that went away shows here, inside the try, not at exit
         return code
     except InputError as e:

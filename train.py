@@ -29,7 +29,7 @@ from training.interrupt import StopOnSignal
 from training.trainer import Trainer
 
 register_configs()
-register_resolvers()  # ${sweep_group:...}, ${matched_ffn_dim:...} of conf/experiment/attention_ablation*.yaml
+register_resolvers()  # ${sweep_group:...}, ${matched_ffn_dim:...}, ${matched_kv_lora_rank:...} (conf/experiment/)
 
 
 def command_line_overrides() -> list[str]:
@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
             again = shell_command("train.py", args) if not t.info.distributed else \
                 shlex.join(["torchrun", f"--nproc_per_node={t.info.world_size}", "train.py", *args])
             print(f"stopped by {summary['stopped_by']} at step {t.progress.step}; resume with:\n  {again}")
-        print("try it:     " + shell_command("generate.py", ["--ckpt", str(t.out_dir), "--prompt", t.prompt_hint()]))
+        print("try it:     " + shell_command("generate.py", ["--ckpt", str(t.out_dir), *t.generate_args()]))
     return summary
 
 

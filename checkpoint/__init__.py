@@ -7,10 +7,10 @@
     gguf.py    GGUF files for llama.cpp (export only)
 """
 
-from .load import Pretrained, load_model, load_pretrained
+from .load import Pretrained, load_chat_template, load_model, load_pretrained
 from .store import (Checkpoint, CheckpointError, discard_later, later_checkpoints, load_checkpoint, resolve_checkpoint,
                     save_checkpoint)
 
 __all__ = ["Checkpoint", "CheckpointError", "discard_later", "later_checkpoints", "load_checkpoint",
            "resolve_checkpoint", "save_checkpoint",
-           "Pretrained", "load_pretrained", "load_model"]
+           "Pretrained", "load_chat_template", "load_pretrained", "load_model"]

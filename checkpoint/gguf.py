@@ -26,7 +26,9 @@ from typing import Optional
 import gguf
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
+from data.chat import end_of_turn_id
 from model import ModelConfig
 from model.rope import llama3_scaled
 
@@ -38,7 +40,8 @@ OUTTYPES = {"f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
             "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0)}
 
 
-def _tokenizer(w: gguf.GGUFWriter, tokenizer_path: Path, vocab_size: int, eos_id: Optional[int]) -> None:
+def _tokenizer(w: gguf.GGUFWriter, tokenizer_path: Path, vocab_size: int, eos_id: Optional[int],
+               chat_template: Optional[str]) -> None:
     tj = json.loads(Path(tokenizer_path).read_text())
     if tj["model"].get("type") != "BPE" or (tj.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
         raise CheckpointError("GGUF export needs a byte-level BPE tokenizer (ours, GPT-2's): "
@@ -60,6 +63,11 @@ def _tokenizer(w: gguf.GGUFWriter, tokenizer_path: Path, vocab_size: int, eos_id
         w.add_bos_token_id(eos_id)
         w.add_eos_token_id(eos_id)
     w.add_add_bos_token(False)  # we never prepend a token: prompts are encoded as they are
+    if chat_template:  # llama.cpp renders it (ChatML, data/chat.py) and ends a reply at the end-of-turn token
+        w.add_chat_template(chat_template)
+        turn_end = end_of_turn_id(Tokenizer.from_file(str(tokenizer_path)))
+        if turn_end is not None:
+            w.add_eot_token_id(turn_end)
 
 
 def _hparams(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
@@ -110,8 +118,9 @@ def _tensors(cfg: ModelConfig, state_dict: dict) -> dict[str, torch.Tensor]:
 
 
 def write_gguf(path: Path, cfg: ModelConfig, state_dict: dict, tokenizer_path: Path, eos_id: Optional[int],
-               outtype: str = "f32", name: str = "small-llm") -> None:
-    """Write one GGUF file: hyperparameters, tokenizer and weights (norms and rope factors stay f32)."""
+               outtype: str = "f32", name: str = "small-llm", chat_template: Optional[str] = None) -> None:
+    """Write one GGUF file: hyperparameters, tokenizer (with the chat template, if any) and weights (norms and rope
+    factors stay f32)."""
     if outtype not in OUTTYPES:
         raise CheckpointError(f"unknown GGUF outtype '{outtype}': choose one of {', '.join(OUTTYPES)}")
     file_type, qtype = OUTTYPES[outtype]
@@ -120,7 +129,7 @@ def write_gguf(path: Path, cfg: ModelConfig, state_dict: dict, tokenizer_path: P
     w.add_name(name)
     w.add_file_type(file_type)
     _hparams(w, cfg)
-    _tokenizer(w, tokenizer_path, cfg.vocab_size, eos_id)
+    _tokenizer(w, tokenizer_path, cfg.vocab_size, eos_id, chat_template)
     for tname, t in _tensors(cfg, state_dict).items():
         data = t.numpy()
         # Vectors stay f32 (as in llama.cpp's converter); q8_0 needs rows that are whole 32-value blocks.

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from data.chat import end_of_turn_id
 from model import ModelConfig
 
 from .store import CheckpointError, unusable
@@ -291,9 +292,11 @@ def _shards(tensors: dict, max_bytes: int) -> list[dict]:
 
 
 def write_hf_folder(out: Path, cfg: ModelConfig, state_dict: dict, tokenizer_path: Path, eos_id: Optional[int],
-                    dtype: torch.dtype = torch.float32, card: str = "", max_shard_bytes: int = MAX_SHARD_BYTES):
+                    dtype: torch.dtype = torch.float32, card: str = "", max_shard_bytes: int = MAX_SHARD_BYTES,
+                    chat_template: Optional[str] = None):
     """Fill the (new, empty) folder `out` with what `from_pretrained` reads: config, weights (sharded with an
-    index above max_shard_bytes), generation config, tokenizer files, and the model card `card`."""
+    index above max_shard_bytes), generation config, tokenizer files (with `chat_template`, which apply_chat_template
+    renders), and the model card `card`. A chat model's generation stops at the end of its turn too."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config(cfg, eos_id, dtype), indent=2) + "\n")
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf(cfg, state_dict).items()}
@@ -309,13 +312,17 @@ def write_hf_folder(out: Path, cfg: ModelConfig, state_dict: dict, tokenizer_pat
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2) + "\n")
-    gen = {"bos_token_id": eos_id, "eos_token_id": eos_id}
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    turn_end = end_of_turn_id(tok) if chat_template else None
+    gen = {"bos_token_id": eos_id, "eos_token_id": eos_id if turn_end is None else [eos_id, turn_end]}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shutil.copyfile(tokenizer_path, out / "tokenizer.json")
-    eos = None if eos_id is None else Tokenizer.from_file(str(tokenizer_path)).id_to_token(eos_id)
+    eos = None if eos_id is None else tok.id_to_token(eos_id)
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
                "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
                "bos_token": eos, "eos_token": eos, "unk_token": None, "pad_token": eos}
+    if chat_template:
+        tok_cfg["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     if card:
         (out / "README.md").write_text(card)

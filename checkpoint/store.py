@@ -6,6 +6,7 @@ Layout under `<out_dir>/checkpoints/`:
         model.safetensors    weights (from the uncompiled module; loads without unpickling code)
         config.json          the resolved run config
         tokenizer.json
+        tokenizer_config.json  the chat template, when the tokenizer has one beside it (data=chat's does)
         trainer_state.pt     optimizer, RNG states, step, best val loss, time trained (plain tensors and numbers)
     latest -> step_0000500   symlinks, switched atomically once the folder is whole
     best   -> step_0000250
@@ -37,6 +38,8 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from data.chat import TEMPLATE_FILE
 
 
 class CheckpointError(ValueError):
@@ -103,6 +106,8 @@ def save_checkpoint(root: Path, step: int, model_state: dict, trainer_state: dic
         save_file(weights, tmp / MODEL_FILE, metadata={"step": str(step)})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        if Path(tokenizer_path).with_name(TEMPLATE_FILE).is_file():
+            shutil.copyfile(Path(tokenizer_path).with_name(TEMPLATE_FILE), tmp / TEMPLATE_FILE)
         torch.save(trainer_state, tmp / STATE_FILE)
         for f in tmp.iterdir():
             _fsync(f)

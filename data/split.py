@@ -41,11 +41,16 @@ def split_documents(docs: datasets.Dataset, val_fraction: float, seed: int,
         # about val_fraction of the text rather than, say, half of a short file.
         size = min(chunk_chars, math.ceil(len(text) / math.ceil(1 / val_fraction)))
         docs = datasets.Dataset.from_dict({"text": chunk_text(text, max(1, size))})
-    n = len(docs)
+    train_idx, val_idx = held_out(len(docs), val_fraction, seed, "the corpus is too short to split into train and "
+                                  "val; add text or give a separate data.val_path")
+    return docs.select(train_idx), docs.select(val_idx)
+
+
+def held_out(n: int, val_fraction: float, seed: int, too_few: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of n items, sorted: about val_fraction of them (at least one, never all) held out,
+    chosen by seed. DataError(too_few) for fewer than 2 items."""
     if n < 2:
-        raise DataError("the corpus is too short to split into train and val; add text "
-                        "or give a separate data.val_path")
+        raise DataError(too_few)
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     perm = np.random.default_rng(seed).permutation(n)
-    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    return docs.select(train_idx), docs.select(val_idx)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])

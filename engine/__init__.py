@@ -3,19 +3,19 @@ docs/engine.md for one request followed through these files).
 
     llm.py               LLM(ckpt).generate(prompts, SamplingParams(...)), offline, on the core
     core.py              the online engine: add_request / step / abort on one scheduler
-    async_engine.py      the engine thread serve.py runs: one thread owns the core, requests come in
-                         through an inbox
+    async_engine.py      the core in a thread of its own, for asyncio callers (serve.py)
     text.py              stop strings and streamed text
     scheduler.py         waiting/running queues, admission, preemption, retirement
     sequence.py          one sample of one request (plain data)
     block_manager.py     the allocator: blocks, refcounts, block tables, prefix cache, copy-on-write
     model_runner.py      turns a batch into StepInputs and runs one forward over the cache
+    decode.py            the decode paths: the PyTorch reference, and per device one fast path
+                         (CPU: the whole step in C++) that says once when it declines a model
     kv_cache.py          the K/V buffers, StepInputs, and the protocol of a forward over them
     attention_gather.py  attention backend: PyTorch gather + SDPA (all prefill; the reference decode)
     attention_cpu.py     attention backend: decode through the C++ paged kernel (CPU)
     attention_triton.py  attention backend: decode through the Triton paged kernel (CUDA)
-    cpu_speed.py         CPU speed tricks that change no value (the C++ decode step, column-major
-                         weights, index tensors)
+    cpu_speed.py         CPU speed tricks that change no value (column-major weights, index tensors)
     quantize.py          int8 weights for every linear layer (--quantize int8)
     threads.py           the thread governor: fewer torch threads while other processes take cores
     sampling_params.py   the options of one request

@@ -1,17 +1,14 @@
 """CPU speed tricks that change no value, kept out of the readable path.
 
-- `CppDecodeStep`: the runner's decode step for MHA/GQA/MQA models on CPU, one C++ call for the
-  whole forward (kernels/decode_step_cpu.py) instead of the eager one; same numbers to ~1e-6.
-- `column_major_copy(model)`: the model the runner decodes with on CPU when the C++ step does not
-  apply (MLA, the gather path), with every linear weight stored column-major. The caller's model is
-  left as it was.
+- `column_major_copy(model)`: the model the runner prefills with on CPU, and decodes with when the
+  C++ step (decode.CppDecode) does not apply, with every linear weight stored column-major. The
+  caller's model is left as it was.
 - `long_tensor(values)`: int64 index tensors from Python lists through an array buffer, the way the
   runner and the attention backends build a step's indices.
 """
 
 import copy
 from array import array
-from typing import Optional
 
 import torch
 
@@ -45,64 +42,3 @@ def long_tensor(values: list[int], device: torch.device) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long, device=device)
     t = torch.frombuffer(array("q", values), dtype=torch.long)
     return t if device.type == "cpu" else t.to(device)
-
-
-class CppDecodeStep:
-    """A decode step through the C++ kernel: tokens, positions, slots and block tables in, (logits
-    [S, vocab], argmax [S]) out, the new K/V written into the cache. The kernel packs its own copy of
-    the model's fp32 linear weights for streaming; int8 weights (engine/quantize.py) it reads in place."""
-
-    def __init__(self, model: torch.nn.Module, cache):
-        from kernels.decode_step_cpu import decode_model
-
-        from .quantize import Int8Linear
-
-        def weight(lin):
-            return (lin.weight, lin.scale) if isinstance(lin, Int8Linear) else (lin.weight.contiguous(), torch.empty(0))
-
-        norms, linears = [], []
-        for layer in model.layers:
-            norms += [layer.attn_norm.weight, layer.ffn_norm.weight]
-            linears += [layer.attn.wqkv, layer.attn.wo, layer.ffn.w13, layer.ffn.w2]
-        weights, scales = zip(*map(weight, linears + [model.lm_head]))
-        cfg = model.cfg
-        self.cache = cache
-        self.model = decode_model(model.embed.weight, model.rope_cos, model.rope_sin, norms + [model.norm.weight],
-                                  list(weights), list(scales), cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps)
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module, cache) -> Optional["CppDecodeStep"]:
-        """The C++ step for this model and cache, or None where it does not apply: it knows the
-        model/llama.py layers with GroupedQueryAttention (MHA, GQA, MQA), fp32 or int8 linears without
-        bias, on the CPU paged-kernel backend; MLA and the gather path keep the PyTorch step. Warns in
-        one line (and returns None) when it applies but the kernel cannot be built."""
-        from kernels.decode_step_cpu import cpu_kernel_error
-        from model.attention import GroupedQueryAttention
-
-        from .quantize import Int8Linear
-
-        if cache.device.type != "cpu" or cache.dtype != torch.float32 or cache.decode_backend.name != "cpu":
-            return None
-        linears = [model.lm_head] + [lin for layer in model.layers for part in (layer.attn, layer.ffn)
-                                     for lin in part.children()]
-        norms = [model.norm] + [n for layer in model.layers for n in (layer.attn_norm, layer.ffn_norm)]
-        if not all(isinstance(layer.attn, GroupedQueryAttention) for layer in model.layers) \
-                or not all(isinstance(m, Int8Linear) or (type(m) is torch.nn.Linear and m.bias is None) for m in linears) \
-                or not all(type(n) is torch.nn.RMSNorm and n.weight is not None and n.eps == model.cfg.norm_eps
-                           for n in norms):
-            return None
-        error = cpu_kernel_error()
-        if error:
-            import warnings
-
-            warnings.warn(f"CPU decode-step kernel unavailable ({error}); decoding through the slower PyTorch step")
-            return None
-        return cls(model, cache)
-
-    def __call__(self, step) -> tuple[torch.Tensor, torch.Tensor]:
-        tables, starts = [], []
-        for t in step.block_tables:  # one flat list: sequence i's table starts at starts[i]
-            starts.append(len(tables))
-            tables += t
-        return self.model.step(step.token_ids, step.positions, step.slot_mapping, tables, starts, self.cache.k_buf,
-                               self.cache.v_buf)

@@ -69,7 +69,7 @@ class PagedKVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str, paged_kernel: bool = True):
         """paged_kernel=False decodes through the gather path (the reference) on any device."""
-        self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
+        self.cfg, self.num_blocks, self.block_size, self.paged_kernel = cfg, num_blocks, block_size, paged_kernel
         self.dtype, self.device = dtype, torch.device(device)
         L = cfg.n_layers
         if cfg.attention == "mla":

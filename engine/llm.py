@@ -101,7 +101,7 @@ class LLM:
         """ckpt: a run folder, its checkpoints/ folder or one checkpoint folder; or pass `model` (and
         optionally `tokenizer`, `eos_token_id`) directly: the LLM then uses that module for inference
         (in eval mode; on CPU the cached path runs a copy, taken here, whose linear weights are stored
-        column-major, and the C++ decode step packs another, see engine/cpu_speed.py: make a new LLM
+        column-major, and the C++ decode step packs another, see engine/decode.py: make a new LLM
         after changing the weights).
 
         num_blocks is the KV budget in blocks; None sizes it to hold max_num_seqs full-context
@@ -111,7 +111,7 @@ class LLM:
         step with torch.compile (a one-off compilation, in warmup() or the first steps: 80-120 s for
         one sequence's three graphs with a cold Inductor cache, 22-35 s once that cache on disk has
         them, measured on the README's 2-core CPU at load 7-12; batches add two graphs; needs a C++
-        compiler; sets two global compiler options, see model_runner.py; the compiled step
+        compiler; sets two global compiler options, see engine/decode.py; the compiled step
         holds the weights as constants, so make a new LLM after changing them): on the 2-core CPU of the
         README, 1.6-2x the eager PyTorch step's decode tokens/s at batch 1 and 16; it replaces the C++
         step (cpp_decode below), which was faster again at batch 1 (measured side by side on a busy
@@ -125,9 +125,10 @@ class LLM:
         set, and a cgroup CPU quota), never above the count torch had when
         the LLM was made (engine/threads.py: with one core busy, 2 threads decoded 3-4x slower than 1).
         cpp_decode (CPU, MHA/GQA/MQA, fp32 or int8, with the paged kernel, without compile): each decode
-        step is one C++ call for the whole forward (engine/cpu_speed.py, kernels/decode_step_cpu.py;
-        built on first use like the other kernels), the same numbers as the PyTorch step;
-        cpp_decode=False keeps the PyTorch step."""
+        step is one C++ call for the whole forward (engine/decode.py, kernels/decode_step_cpu.py;
+        built on first use like the other kernels), the same numbers as the PyTorch step; a model it
+        does not implement keeps the PyTorch step, with a one-line warning; cpp_decode=False keeps it
+        without one."""
         self.device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

@@ -20,6 +20,8 @@ class SamplingParams:
     max_new_tokens      at most this many generated tokens (generation also stops at the model's context).
     stop                strings that end generation; the text is cut before the first one found.
     ignore_eos          keep going after the end-of-text token (benchmarks).
+    stop_token_ids      token ids that end generation like the end-of-text token (ignore_eos aside), kept as
+                        the last output token: a chat reply ends at <|im_end|> (vLLM's name and meaning).
     seed                seeds this request's own generator, so its samples do not depend on which other
                         requests share the batch. None: drawn from torch's global RNG at submission.
     n                   number of independent samples (they share the prompt's KV blocks).
@@ -50,6 +52,7 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
     seed: Optional[int] = None
     n: int = 1
     return_logits: bool = False
@@ -81,6 +84,8 @@ class SamplingParams:
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         need(self.n >= 1, f"the number of samples must be >= 1, got {self.n}")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        need(all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids),
+             f"stop_token_ids must be integers, got {self.stop_token_ids!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),

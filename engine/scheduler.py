@@ -11,7 +11,7 @@ Each step is either a prefill step or a decode step (prefill first, as in nano-v
 A sequence that still needs its prompt log-probabilities takes prefix-cache hits only before the
 first position it scores (SamplingParams.prompt_logprobs_start).
 
-Retiring (EOS unless ignore_eos, a stop string, max_new_tokens or the model's context) frees blocks;
+Retiring (EOS unless ignore_eos, a stop token or string, max_new_tokens or the model's context) frees blocks;
 so does remove() + BlockManager.free() for a request that is aborted or fails (engine/core.py).
 A request that could not fit even alone in the whole cache is refused when added (RequestTooLarge).
 """
@@ -131,8 +131,8 @@ class Scheduler:
 
 def check_finished(seq: Sequence, tok: int, eos_token_id: Optional[int],
                    stop_checker: Optional[Callable[[Sequence], Optional[int]]]) -> bool:
-    """Set seq.finish_reason if tok ends it: 'stop' (EOS or a stop string) or 'length'."""
-    if tok == eos_token_id and not seq.params.ignore_eos:
+    """Set seq.finish_reason if tok ends it: 'stop' (EOS, a stop token or a stop string) or 'length'."""
+    if (tok == eos_token_id and not seq.params.ignore_eos) or tok in seq.params.stop_token_ids:
         seq.finish_reason = "stop"
     elif seq.params.stop and stop_checker is not None and (cut := stop_checker(seq)) is not None:
         seq.finish_reason, seq.stop_text_len = "stop", cut

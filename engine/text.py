@@ -14,28 +14,49 @@ def find_stop(text: str, stops: list[str]) -> Optional[int]:
 
 
 class TextStream:
-    """The new text of one generation, a piece at a time, as its tokens arrive.
+    """The new text of one generation, a piece at a time, as its tokens arrive, at a cost per token that
+    does not grow with the output (re-decoding the whole output at every token is quadratic).
 
-    push(all output token ids) -> the text not yet returned. It holds back a character split across
-    tokens (the decoder shows U+FFFD until its last byte arrives) and the last len(longest stop) - 1
-    characters, which could still become the start of a stop string; finish(final text) returns the
-    rest (the engine's final text is already cut before a stop string)."""
+    push(all output token ids so far) -> the text not yet returned. Only the new tokens are decoded, in
+    a window that starts at the previous token returned (a byte-level token alone can be half a
+    character; the window's first token gives the decoder its context), as tokenizers' DecodeStream
+    and vLLM's incremental detokenizer do; this one works over any decode(ids) -> str, such as
+    LLM.decode. It holds back a character split across tokens (the decoder shows U+FFFD until its last
+    byte arrives) and the last len(longest stop) - 1 characters, which could still become the start of
+    a stop string; finish(final text) returns the rest (the engine's final text is already cut before
+    a stop string)."""
 
     def __init__(self, decode, stops: list[str]):
-        self.decode, self.stops, self.sent = decode, stops, 0
+        self.decode, self.stops = decode, stops
         self.hold = max(map(len, stops), default=1) - 1
+        self.prefix = self.read = 0  # ids[prefix:read] decode to the window's text already taken
+        self.pending = ""  # decoded, not yet returned: the held-back characters
+        self.sent = 0  # characters returned so far
+        self.stopped = False  # a stop string was found: nothing more is returned before finish()
 
     def push(self, token_ids: list[int]) -> str:
-        text = self.decode(token_ids)
-        if text.endswith("\ufffd"):
+        if self.stopped:
             return ""
-        cut = find_stop(text, self.stops)
-        return self._take(text[:cut] if cut is not None else text[:len(text) - self.hold])
+        before = self.decode(token_ids[self.prefix:self.read])
+        text = self.decode(token_ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""  # nothing new yet (a character still split across tokens, or a skipped special token)
+        self.pending += text[len(before):]
+        self.prefix, self.read = self.read, len(token_ids)
+        # A stop string that starts in text already returned would have been found then: the held-back
+        # characters are where any new one starts.
+        cut = find_stop(self.pending, self.stops)
+        if cut is not None:
+            self.stopped = True
+        return self._take(len(self.pending) - self.hold if cut is None else cut)
 
     def finish(self, final_text: str) -> str:
-        return self._take(final_text)
-
-    def _take(self, text: str) -> str:
-        new = text[self.sent:]
-        self.sent = max(self.sent, len(text))
+        new = final_text[self.sent:]
+        self.sent, self.pending = max(self.sent, len(final_text)), ""
         return new
+
+    def _take(self, n: int) -> str:
+        piece = self.pending[:max(n, 0)]
+        self.pending = self.pending[len(piece):]
+        self.sent += len(piece)
+        return piece

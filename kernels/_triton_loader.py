@@ -9,13 +9,16 @@ kernel calls are built in the same mode as the kernel itself. (Triton's own libr
 such as tl.max are built once, in the mode triton was imported in, so the kernel modules use
 builtins only; see _triton_common.py.)
 
+So one file may be executed twice, once per mode. A GPU process only ever loads the compiled copy;
+both live side by side in the tests, which run the kernels in the interpreter and also compile them
+for a GPU ahead of time (test_kernels_compile_for_gpu), in one process.
+
 Nothing here touches `triton.runtime.driver.active`, so importing works on CPU-only machines.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import threading
 from pathlib import Path
@@ -25,7 +28,6 @@ import triton
 
 _modules: dict[tuple[str, bool], ModuleType] = {}
 _lock = threading.RLock()  # re-entrant: a kernel module loads _triton_common while executing
-_MISSING = object()
 
 
 def interpreting() -> bool:
@@ -45,24 +47,14 @@ def load_kernel_module(name: str, interpret: bool) -> ModuleType:
         mod_name = f"{__package__}.{name}__{'interpreter' if interpret else 'compiled'}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
-        runtime = triton.knobs.runtime
-        saved_knob = runtime.__dict__.get("interpret", _MISSING)
-        saved_env = os.environ.get("TRITON_INTERPRET")
-        runtime.interpret = interpret  # what @triton.jit reads while the module executes
-        try:
-            sys.modules[mod_name] = module  # inspect.getsource (used by both modes) wants this
-            spec.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(mod_name, None)
-            raise
-        finally:
-            if saved_knob is _MISSING:
-                runtime.__dict__.pop("interpret", None)
-            else:
-                runtime.__dict__["interpret"] = saved_knob
-            if saved_env is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = saved_env
+        sys.modules[mod_name] = module  # inspect.getsource (used by both modes) wants this
+        # Triton's own scope restores the switch (and TRITON_INTERPRET, which setting it writes) on exit.
+        with triton.knobs.runtime.scope():
+            triton.knobs.runtime.interpret = interpret  # what @triton.jit reads while the module executes
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(mod_name, None)
+                raise
         _modules[key] = module
         return module

@@ -13,7 +13,7 @@ int8 weights are used in place. `step` runs one token per sequence through every
 (engine/kv_cache.py's buffers, which it writes at the slots) and returns logits [S, vocab] and their
 argmax [S]. Its inputs are plain int lists: tokens, positions and slots (one per sequence; slot -1:
 already cached) and the sequences' block tables one after another, sequence i's from starts[i].
-engine/cpu_speed.py builds it from a Transformer and the runner calls it.
+engine/decode.py (CppDecode) builds it from a Transformer and the runner calls it.
 
 Why: at batch 1 the eager step is ~250 small PyTorch ops whose dispatch costs more than their
 arithmetic, and MKL's GEMV at one row uses one core; here the step is one call and every matrix is

@@ -64,7 +64,6 @@ def paged_decode_ok(device) -> bool:
                    "Triton paged-decode kernel", "the PyTorch gather path")
 
 
-@torch.compiler.disable  # runs eagerly even when the first caller is being compiled
 def _cached(name: str, device: torch.device, check: Callable, kernel: str, fallback: str) -> bool:
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one check
         device = torch.device("cuda", torch.cuda.current_device())

@@ -1,7 +1,8 @@
 """Attention: MHA/GQA/MQA as one module, MLA as another, both on one shared `attend` helper.
 
 Training calls the modules without a cache: attention runs over the sequence with a causal mask
-through the chosen backend. Generation passes a cache object (see engine/): the module hands it the
+through a backend chosen once where the model is built (`choose_backend`: kernel builds, self-checks
+and warnings happen there; the forward only looks the choice up). Generation passes a cache object (see engine/): the module hands it the
 new tokens' projections and the cache stores them and attends over everything stored. The cache
 contract is one method:
 
@@ -11,6 +12,8 @@ where T packs the new tokens of every sequence in the batch, and v=None means "t
 first Dv channels of k" (MLA's latent cache, where keys and values are one buffer).
 """
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,7 +22,8 @@ from .config import ModelConfig
 from .rope import apply_rope
 
 BACKENDS = ("auto", "triton", "cpu", "sdpa", "math")
-AUTO_TRITON_DEVICES = ("cuda",)  # where "auto" tries our Triton kernel (tests add "cpu": the interpreter)
+AUTO_TRITON_DEVICES = ("cuda",)  # where "auto" tries our Triton kernel (the tests' override: "cpu", the interpreter)
+_chosen: dict[tuple[str, str, torch.dtype], str] = {}  # (backend asked, device, dtype) -> the backend that runs
 
 
 def math_attention(q, k, v, scale: float) -> torch.Tensor:
@@ -36,23 +40,40 @@ def math_attention(q, k, v, scale: float) -> torch.Tensor:
     return (probs @ v.unsqueeze(2)).view(B, Hq, T, v.shape[-1])
 
 
-@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing: no graph break
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run: "auto" is our Triton kernel on CUDA once it has passed its
-    self-check there (kernels/self_check.py), our C++ kernel on CPU (kernels/causal_attention_cpu.py),
-    else SDPA. Raises ValueError with a one-line message (callers may print it as is) for a backend
-    that cannot run on `device`."""
+def choose_backend(backend: str, device, dtype: torch.dtype) -> str:
+    """The backend that runs `backend` on `device` in `dtype`, decided where a model is built and kept for
+    the forward (`chosen_backend`). Every side effect is here, once per key: our C++ kernel's build, the
+    Triton self-check (kernels/self_check.py), a fallback's warning. "auto" is our Triton kernel on CUDA
+    once it has passed its self-check, our C++ kernel on CPU in float32, else SDPA. Raises ValueError
+    with a one-line message (callers may print it as is) for a backend that cannot run on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the forward sees "cuda:0", not "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (backend, str(device), dtype)
+    if key not in _chosen:
+        _chosen[key] = _choose(backend, device, dtype)
+    return _chosen[key]
+
+
+@torch.compiler.assume_constant_result  # a pure lookup: torch.compile takes its answer as a constant
+def chosen_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What choose_backend chose for (device, dtype). A model used where it was not built (no choice
+    made) runs "auto" on SDPA, which runs everywhere, and a named backend as named."""
+    return _chosen.get((backend, str(device), dtype), "sdpa" if backend == "auto" else backend)
+
+
+def _choose(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend '{backend}': choose one of {', '.join(BACKENDS)}")
     if backend == "cpu" or (backend == "auto" and device.type == "cpu" and device.type not in AUTO_TRITON_DEVICES):
         from kernels.causal_attention_cpu import cpu_kernel_error
 
+        if backend == "auto" and dtype != torch.float32:  # the kernel is float32 only
+            return "sdpa"
         problem = "it runs on the CPU only" if device.type != "cpu" else cpu_kernel_error()
         if problem and backend == "cpu":
             raise ValueError(f"attention.backend=cpu: {problem}: use attention.backend=sdpa or auto")
         if problem:
-            import warnings
-
             warnings.warn(f"CPU attention kernel unavailable ({problem}); training on SDPA")
         return "sdpa" if problem else "cpu"
     if backend not in ("auto", "triton"):
@@ -72,8 +93,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def causal_attention(q, k, v, scale: float, backend: str) -> torch.Tensor:
-    """Causal self-attention over whole sequences, q [B, Hq, T, Dqk], k [B, Hkv, T, Dqk], v [B, Hkv, T, Dv]."""
-    backend = resolve_backend(backend, q.device)
+    """Causal self-attention over whole sequences, q [B, Hq, T, Dqk], k [B, Hkv, T, Dqk], v [B, Hkv, T, Dv],
+    through the backend chosen for q's device and dtype (choose_backend)."""
+    backend = chosen_backend(backend, q.device, q.dtype)
     if backend == "triton":
         from kernels import flash_attention  # imported lazily: Triton is not needed for the other backends
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, load_model  # noqa: E402
 from data import DataError, bits_per_byte, eval_batches  # noqa: E402
 from engine.quantize import quantize_int8  # noqa: E402
+from model import choose_backend  # noqa: E402
 
 PROMPT_TOKENS = 16
 
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         model, tok, _ = load_model(args.checkpoint, torch.device("cpu"), torch.float32)
+        choose_backend("auto", "cpu", torch.float32)  # whole windows through the forward: our C++ attention
         if not 1 <= args.seq_len <= model.cfg.max_seq_len:
             raise DataError(f"--seq-len must be 1..{model.cfg.max_seq_len} (the model's max_seq_len)")
         val = val_text(args, tok)

@@ -62,6 +62,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def pretrained(corpus, data_cache, tmp_path_factory):
+    """A run of the tiny test config: what train.init_from starts from (fine-tuning, SFT)."""
+    import train
+
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    train.run(compose_config(tiny_overrides(corpus, data_cache, out)))
+    return out
+
+
 def tiny_overrides(corpus: Path, cache: Path, out_dir: Path) -> list[str]:
     return [
         "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=64", "model.max_seq_len=64",

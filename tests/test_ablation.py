@@ -1,6 +1,7 @@
 """The attention ablation end to end: a tiny two-variant sweep through Hydra multirun (the preset, its
-sweeper default overridden on the command line, wandb offline), then the report (table, numbers,
-plots, decode column, wandb logging), and the matched-parameter preset."""
+sweeper defaults overridden on the command line, wandb offline), then the report (tables, numbers,
+plots, decode column, wandb logging), its statistics over seeds against numbers worked out by hand, the
+serving measurement, and the matched-parameter and matched-KV presets."""
 
 import json
 import os
@@ -39,7 +40,8 @@ def safetensors_params(run: Path) -> int:
 
 @pytest.fixture(scope="module")
 def sweep(corpus, data_cache, tmp_path_factory):
-    """`python train.py -m +experiment=attention_ablation attention=gqa,mla <tiny>`: one subprocess, two runs."""
+    """`python train.py -m +experiment=attention_ablation attention=gqa,mla seed=1337 <tiny>`: one subprocess, two
+    runs (the command line's data=text and one seed replace the preset's data and seeds sweep)."""
     tmp = tmp_path_factory.mktemp("ablation")
     wandb_dir = tmp / "wandb_dir"
     wandb_dir.mkdir()
@@ -47,7 +49,7 @@ def sweep(corpus, data_cache, tmp_path_factory):
             if not a.startswith(("out_dir=", "wandb.mode="))]  # each run gets its own Hydra folder; wandb on
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "+experiment=attention_ablation",
-                           "attention=gqa,mla", *tiny, f"hydra.sweep.dir={tmp / 'sweep'}"],
+                           "attention=gqa,mla", "seed=1337", *tiny, f"hydra.sweep.dir={tmp / 'sweep'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "sweep", wandb_dir
@@ -65,7 +67,7 @@ def test_sweep_has_one_run_per_variant_with_wandb(sweep):
         assert c["model"]["dim"] == 32 and c["data"]["source"] == "text"
         assert c["wandb"]["group"] == f"attention_ablation {folder}"
         assert c["wandb"]["name"] == c["model"]["attention"]
-        assert c["wandb"]["tags"] == ["attention_ablation", c["model"]["attention"]]
+        assert c["wandb"]["tags"] == ["attention_ablation", c["model"]["attention"], "text", "seed1337"]
 
     offline = sorted((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2
@@ -94,11 +96,17 @@ def test_sweep_has_one_run_per_variant_with_wandb(sweep):
         assert summary["params"] > 0 and summary["kv_bytes_per_token"] > 0 and "final_val_bpb" in summary
 
 
-def table(md: str) -> dict[str, dict[str, str]]:
-    lines = [line for line in md.splitlines() if line.startswith("|")]
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    return {r[0]: dict(zip(head, r)) for r in rows}
+def table(md: str, first_column: str = "variant", key: str = "variant") -> dict[str, dict[str, str]]:
+    """The markdown table whose header starts with `first_column`, as {row[key]: {column: cell}}."""
+    blocks, block = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip("|").split("|")])
+        elif block:
+            blocks.append(block)
+            block = []
+    head, _, *rows = next(b for b in blocks if b[0][0] == first_column)
+    return {dict(zip(head, r))[key]: dict(zip(head, r)) for r in rows}
 
 
 def test_report_table_and_plots_match_the_runs(sweep, tmp_path, capsys):
@@ -122,11 +130,12 @@ def test_report_table_and_plots_match_the_runs(sweep, tmp_path, capsys):
         assert row["val loss"] == f"{evals[-1]['val_loss']:.4f}"
         assert row["val bits/byte"] == f"{evals[-1]['val_bpb']:.4f}"
         assert row["train tok/s"] == f"{tok_s:,.0f}"
+        assert row["seed"] == "1337" and row["data"] == "text" and row["recall acc"] == "—"
         assert row["decode tok/s @ batch 16"] == "—"
     raw = json.loads((out / "ablation.json").read_text())
     assert raw["config_differences"] == []
     assert [len(r["curve"]) for r in raw["runs"]] == [2, 2]
-    for name in ("val_loss_vs_tokens.png", "val_loss_vs_time.png", "val_loss_vs_kv_bytes.png"):
+    for name in ("val_loss_vs_tokens.png", "val_loss_vs_time.png", "quality_vs_kv_bytes.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG and len(data) > 10_000, name
         assert f"]({name})" in (out / "ablation.md").read_text()
@@ -149,7 +158,7 @@ def test_report_logs_table_and_plots_to_wandb(sweep, tmp_path, monkeypatch):
     run_dir = Path(res["wandb_dir"]).parent
     assert run_dir.name.startswith("offline-run-")
     media = run_dir / "files" / "media"
-    assert len(list(media.rglob("*.table.json"))) == 2
+    assert len(list(media.rglob("*.table.json"))) == 3  # runs, their raw values, the seed table
     assert len(list(media.rglob("*.png"))) == 3
     logged = json.loads(next(media.rglob("ablation_table*.table.json")).read_text())
     assert [r[0] for r in logged["data"]] == ["gqa", "mla"]
@@ -227,3 +236,118 @@ def test_recipe_preset_is_exactly_the_make_train_defaults():
     plain, preset = (OmegaConf.to_container(compose_config(args)) for args in ([], ["+experiment=recipe_ablation"]))
     plain.pop("wandb"), preset.pop("wandb")
     assert preset == plain
+
+
+def fake_rows(values: dict) -> list[dict]:
+    """Report rows ({variant: {seed: val bits/byte}}) in the order the report sorts them."""
+    return [{"variant": v, "seed": s, "final_val_bpb": bpb, "run_dir": f"{v}/{s}"}
+            for v, by_seed in values.items() for s, bpb in by_seed.items()]
+
+
+def test_seed_statistics_against_numbers_worked_by_hand():
+    from scripts.ablation_stats import seed_summary, verdict
+
+    def near(x):  # the hand-worked figures have 5 or 6 digits
+        return pytest.approx(x, rel=2e-5, abs=1e-6)
+
+    rows = fake_rows({"mha": {1: 2.00, 2: 2.10, 3: 2.06}, "gqa": {1: 2.03, 2: 2.12, 3: 2.11},
+                      "mla": {1: 2.10, 2: 2.21, 3: 2.17}, "mqa": {1: 1.98, 2: 2.15}, "one": {2: 2.2}})
+    rows.append({"variant": "mqa", "seed": 3, "final_val_bpb": None, "run_dir": "not evaluated yet"})
+    s = {e["variant"]: e for e in seed_summary(rows, "final_val_bpb")}
+    assert [e for e in s] == ["mha", "gqa", "mla", "mqa", "one"] and s["mha"]["diff"] is None
+    # mha: mean 6.16 / 3; deviations -0.05333, 0.04667, 0.00667: variance 0.0050667 / 2, std 0.050332
+    assert (s["mha"]["n"], s["mha"]["mean"], s["mha"]["std"]) == (3, near(2.053333), near(0.050332))
+    # gqa - mha per seed: 0.03, 0.02, 0.05: mean 0.033333, std 0.015275; t(2 dof) = 4.303: half-width
+    # 4.303 x 0.015275 / sqrt(3) = 0.037949, so the interval -0.004616 .. 0.071282 holds zero
+    d = s["gqa"]["diff"]
+    assert d["diffs"] == near([0.03, 0.02, 0.05]) and d["seeds"] == [1, 2, 3]
+    assert (d["mean"], d["std"]) == (near(0.033333), near(0.015275))
+    assert (d["low"], d["high"], d["exceeds"]) == (near(-0.004616), near(0.071282), False)
+    # mla - mha: 0.10, 0.11, 0.11: mean 0.106667, std 0.0057735, half-width 0.014343: 0.092323 .. 0.121010
+    d = s["mla"]["diff"]
+    assert (d["mean"], d["std"], d["low"], d["high"], d["exceeds"]) == (
+        near(0.106667), near(0.0057735), near(0.092323), near(0.121010), True)
+    # mqa has seeds 1 and 2 only: -0.02, 0.05: mean 0.015, std 0.049497, t(1 dof) = 12.706: -0.42971 .. 0.45971
+    d = s["mqa"]["diff"]
+    assert (d["seeds"], d["mean"], d["std"]) == ([1, 2], near(0.015), near(0.049497))
+    assert (d["low"], d["high"], d["exceeds"]) == (near(-0.42971), near(0.45971), False)
+    assert s["one"]["std"] is None and s["one"]["diff"]["exceeds"] is None  # one seed: no spread
+    assert verdict(s["mla"], "bits/byte") == ("mla - mha: +0.1067 bits/byte (+- 0.0058 over 3 seeds, 95% interval "
+                                              "+0.0923 to +0.1210): exceeds the seed-to-seed spread")
+    assert verdict(s["gqa"], "bits/byte").endswith("within the seed-to-seed spread, the seeds do not show a difference")
+    assert verdict(s["one"], "bits/byte") == ("one - mha: +0.1000 bits/byte (one seed): no spread to compare with, "
+                                              "run more seeds")
+
+
+def seeded_copies(sweep: Path, dest: Path, bpb: dict) -> Path:
+    """The sweep's gqa (0) and mla (1) runs copied as seeds 1337 and 1338 each, their last val bits/byte set to
+    bpb[variant][seed]."""
+    for i, variant in (("0", "gqa"), ("1", "mla")):
+        for seed, value in bpb[variant].items():
+            run = dest / f"{variant}-{seed}"
+            shutil.copytree(sweep / i, run)
+            cfg = run / "checkpoints" / "latest" / "config.json"
+            cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "seed": seed}))
+            records = metrics(run)
+            last = max(j for j, r in enumerate(records) if "val_loss" in r)
+            records[last]["val_bpb"] = value
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return dest
+
+
+def test_report_gives_each_variant_its_seeds_spread_and_paired_difference(sweep, tmp_path):
+    folder, _ = sweep
+    seeds = seeded_copies(folder, tmp_path / "seeds", {"gqa": {1337: 2.0, 1338: 2.1}, "mla": {1337: 2.05, 1338: 2.2}})
+    ablation_report.report(seeds, tmp_path / "r")
+    md = (tmp_path / "r" / "ablation.md").read_text()
+    rows = table(md, first_column="data")
+    # gqa: 2.0, 2.1: mean 2.05, std 0.0707107. mla - gqa: 0.05, 0.10: mean 0.075, std 0.0353553; t(1 dof) 12.706:
+    # half-width 12.706 x 0.0353553 / sqrt(2) = 0.31765
+    assert rows["gqa"]["val bits/byte (mean ± std)"] == "2.0500 ± 0.0707" and rows["gqa"]["seeds"] == "2"
+    assert rows["mla"]["val bits/byte (mean ± std)"] == "2.1250 ± 0.1061"
+    assert rows["mla"]["Δ vs gqa (mean ± std)"] == "+0.0750 ± 0.0354"
+    assert rows["mla"]["95% interval of Δ"] == "-0.2427 to +0.3927" and rows["mla"]["exceeds seed spread"] == "no"
+    assert "- mla - gqa: +0.0750 bits/byte (+- 0.0354 over 2 seeds" in md
+    assert len(table(md, key="seed")) == 2 and "Not a like-for-like" not in md  # the seed is no difference
+
+
+def test_report_refuses_two_runs_of_one_variant_and_seed(sweep, tmp_path):
+    folder, _ = sweep
+    twice = tmp_path / "twice"
+    for copy in ("a", "b"):
+        shutil.copytree(folder / "0", twice / copy)
+    with pytest.raises(ablation_report.ReportError, match="two runs of gqa with seed 1337"):
+        ablation_report.report(twice, tmp_path / "r")
+
+
+@pytest.mark.parametrize("size, rank", [([], 112), (["model=gpt2"], 480)])
+def test_matched_kv_preset_equalises_kv_bytes_per_token(size, rank):
+    """tiny: GQA caches 2 x 2 kv heads x 32 = 128 values per layer, MLA 112 + 16 rope; gpt2: 2 x 4 x 64 = 512,
+    MLA 480 + 32."""
+    from omegaconf import OmegaConf
+
+    from model import ModelConfig
+
+    m = {a: OmegaConf.to_container(compose_config(["+experiment=attention_ablation_matched_kv", f"attention={a}",
+                                                   *size]).model, resolve=True) for a in ("gqa", "mla")}
+    assert kv_bytes_by_hand(m["gqa"]) == kv_bytes_by_hand(m["mla"])
+    assert m["mla"]["kv_lora_rank"] == rank and m["gqa"]["n_kv_heads"] == (4 if size else 2)
+    assert ModelConfig(**m["gqa"]).kv_cache_bytes_per_token() == ModelConfig(**m["mla"]).kv_cache_bytes_per_token()
+
+
+@pytest.mark.filterwarnings("ignore:the C\\+\\+ decode step does not apply")  # MLA: the PyTorch step, as meant
+@pytest.mark.parametrize("attention, fp32_bytes_per_token", [("gqa", 2 * 2 * 2 * 16 * 4), ("mla", 2 * (32 + 8) * 4)])
+def test_serving_batch_fits_the_kv_budget_and_one_more_does_not(attention, fp32_bytes_per_token, tmp_path):
+    """tests/builders.tiny_config: 2 layers, GQA 2 kv heads of 16, MLA latent 32 + rope 8. Sequences of 8 + 24
+    tokens take 2 blocks of 16; a budget of 7 blocks holds 3 of them, and the engine must preempt for a 4th."""
+    from builders import write_checkpoint
+    from engine import LLM
+    from scripts.ablation_serving import decode_batch, serving_row
+
+    run = write_checkpoint(tmp_path / attention, attention)
+    budget = 7 * 16 * fp32_bytes_per_token + 100
+    row = serving_row(run, budget, prompt_tokens=8, new_tokens=24)
+    assert (row["num_blocks"], row["batch"], row["kv_bytes_per_token"]) == (7, 3, fp32_bytes_per_token)
+    assert row["preemptions"] == 0 and row["blocks_used_peak"] <= 7 and row["decode_tokens_per_s"] > 0
+    llm = LLM(run, device="cpu", num_blocks=7, max_num_seqs=4, enable_prefix_caching=False)
+    assert decode_batch(llm, 4, 8, 24).preemptions > 0

@@ -62,9 +62,11 @@ def test_thread_count_does_not_change_the_results():
         assert torch.equal(a, b)
 
 
-def test_compiled_model_keeps_the_kernel_in_one_graph():
+def test_compiled_model_keeps_the_kernel_in_one_graph(monkeypatch):
     """train.compile: the forward and backward trace to the operators (fullgraph: no graph break) and
     give eager's logits and gradients; both sides against SDPA's."""
+    monkeypatch.setattr(attention, "_chosen", {})
+    assert attention.choose_backend("auto", "cpu", torch.float32) == "cpu"  # as the Trainer does
     x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
     grads = {}
     for name in ("sdpa", "cpu", "compiled"):
@@ -80,7 +82,7 @@ def test_compiled_model_keeps_the_kernel_in_one_graph():
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_auto_uses_the_kernel_on_cpu_float32_only(monkeypatch):
+def test_auto_uses_the_kernel_where_chosen_on_cpu_float32_only(monkeypatch):
     calls = []
     real = torch.ops.small_llm.causal_attention_fwd
 
@@ -91,6 +93,10 @@ def test_auto_uses_the_kernel_on_cpu_float32_only(monkeypatch):
     assert module.cpu_kernel_error() is None
     monkeypatch.setattr(module, "causal_attention_cpu", lambda q, k, v, scale: Spy()(q, k, v, scale)[0])
     q, k, v, _ = inputs(1, 2, 1, 9, 8, 8, seed=1)
+    monkeypatch.setattr(attention, "_chosen", {})
+    attention.causal_attention(q.float(), k.float(), v.float(), 0.5, "auto")  # chosen nowhere: SDPA
+    assert attention.choose_backend("auto", "cpu", torch.float32) == "cpu"
+    assert attention.choose_backend("auto", "cpu", torch.float64) == "sdpa"
     attention.causal_attention(q.float(), k.float(), v.float(), 0.5, "auto")
     attention.causal_attention(q, k, v, 0.5, "auto")  # float64: SDPA
     assert calls == [torch.float32]
@@ -99,14 +105,15 @@ def test_auto_uses_the_kernel_on_cpu_float32_only(monkeypatch):
 def test_without_the_kernel_auto_warns_and_uses_sdpa(monkeypatch, tmp_path):
     """No C++ compiler: `auto` trains on SDPA after one warning; an explicit `cpu` stops in one line."""
     monkeypatch.setattr(module, "_state", {})
+    monkeypatch.setattr(attention, "_chosen", {})
     monkeypatch.setenv("SMALL_LLM_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.warns(UserWarning, match="CPU attention kernel unavailable .*no C\\+\\+ compiler"):
-        assert attention.resolve_backend("auto", torch.device("cpu")) == "sdpa"
+        assert attention.choose_backend("auto", "cpu", torch.float32) == "sdpa"
     with pytest.raises(ValueError) as err:
-        attention.resolve_backend("cpu", torch.device("cpu"))
+        attention.choose_backend("cpu", "cpu", torch.float32)
     assert str(err.value).startswith("attention.backend=cpu: no C++ compiler") and "\n" not in str(err.value)
     assert "use attention.backend=sdpa or auto" in str(err.value)
     with pytest.raises(ValueError, match="attention.backend=cpu: it runs on the CPU only"):
-        attention.resolve_backend("cpu", torch.device("cuda"))
+        attention.choose_backend("cpu", "cuda:0", torch.float32)
     assert not any(tmp_path.rglob("*.so"))

@@ -1,16 +1,16 @@
 """The import graph has one direction (README, Layout): each package imports only packages listed before it,
 
-    kernels <- model <- data <- checkpoint <- engine <- evaluation <- training <- train.py, generate.py,
-    serve.py, export.py, eval.py
+    kernels <- model <- data <- checkpoint <- engine <- server <- evaluation <- training <- train.py,
+    generate.py, serve.py, export.py, eval.py
 
-and inference (engine/, evaluation/, generate.py, serve.py, export.py, eval.py) never imports training/."""
+and inference (engine/, server/, evaluation/, generate.py, serve.py, export.py, eval.py) never imports training/."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["kernels", "model", "data", "checkpoint", "engine", "evaluation", "training"]
-INFERENCE = ["engine", "evaluation", "generate.py", "serve.py", "export.py", "eval.py"]
+ORDER = ["kernels", "model", "data", "checkpoint", "engine", "server", "evaluation", "training"]
+INFERENCE = ["engine", "server", "evaluation", "generate.py", "serve.py", "export.py", "eval.py"]
 
 
 def imported_packages(path: Path) -> set[str]:

@@ -43,10 +43,14 @@ COMMANDS = {
     "python export.py --ckpt runs/a --format hf --out exports/a-hf": {},
     "python export.py --ckpt runs/a --format gguf --out exports/a.gguf --outtype q8_0": {},
     "python generate.py --ckpt exports/a-hf --prompt **ROMEO** --max-new-tokens 16": {},
+    "python -m scripts.chat_skill data --out chat_skill": {},
+    "python train.py +experiment=sft train.init_from=runs/a data=chat data.path=chat_skill/train.jsonl "
+    "out_dir=runs/sft": TINY_TRAIN,
     "pip install -r requirements-eval.txt": "make test installs it (requirements-dev.txt)",
     "python eval.py --ckpt runs/a --text README.md": {},
     "python train.py -m +experiment=attention_ablation": {"train.max_steps": "2", "train.eval_every": "2",
-                                                          "hydra.sweep.dir": "multirun/ablation"},
+                                                          "hydra.sweep.dir": "multirun/ablation",
+                                                          "seed": "1337", "data": "shakespeare"},  # 4 runs
     "python -m scripts.ablation_report multirun/<date>/<time>": {"multirun/<date>/<time>": "multirun/ablation"},
     "torchrun --standalone --nproc_per_node=2 train.py out_dir=runs/ddp train.max_steps=100": TINY_TRAIN,
     "make test-slow": "the suite this test belongs to",

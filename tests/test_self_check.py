@@ -21,6 +21,7 @@ flash_module = sys.modules["kernels.flash_attention"]  # `kernels.flash_attentio
 def interpreter_and_fresh_cache(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(self_check, "_results", {})  # every test checks afresh
+    monkeypatch.setattr(attention, "_chosen", {})  # and chooses the training attention afresh
 
 
 def wrong_forward(real):
@@ -126,22 +127,39 @@ def test_auto_falls_back_to_sdpa_when_the_check_fails(break_with, monkeypatch):
     monkeypatch.setattr(attention, "AUTO_TRITON_DEVICES", ("cpu",))
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     expected = logits("sdpa", x)
+    assert attention.choose_backend("auto", "cpu", torch.float32) == "triton"
     torch.testing.assert_close(logits("auto", x), expected, atol=1e-4, rtol=1e-4)  # the real kernel
     assert self_check._results == {("flash_attention", "cpu"): True}
 
     monkeypatch.setattr(self_check, "_results", {})
+    monkeypatch.setattr(attention, "_chosen", {})
     broken = wrong_forward(flash_module._forward) if break_with == "wrong-values" else compile_error
     monkeypatch.setattr(flash_module, "_forward", broken)
     with pytest.warns(UserWarning, match="failed its self-check on cpu"):
-        got = logits("auto", x)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert attention.choose_backend("auto", "cpu", torch.float32) == "sdpa"
+    torch.testing.assert_close(logits("auto", x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_explicit_triton_refuses_a_failed_kernel(monkeypatch):
     monkeypatch.setattr(flash_module, "_forward", compile_error)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="failed its self-check") as err:
-        attention.resolve_backend("triton", torch.device("cpu"))
+        attention.choose_backend("triton", "cpu", torch.float32)
     assert "\n" not in str(err.value) and "attention.backend=sdpa" in str(err.value)
+
+
+def test_training_on_a_failed_kernel_stops_before_it_starts(corpus, data_cache, tmp_path, monkeypatch):
+    """train.py chooses the backend while it builds the Trainer: attention.backend=triton on a kernel that
+    fails its check stops there, in one line (train.py prints it as `error: ...`), with nothing written."""
+    import train
+    from conftest import compose_config, tiny_overrides
+    from training.errors import TrainConfigError
+
+    monkeypatch.setattr(flash_module, "_forward", compile_error)
+    cfg = compose_config(tiny_overrides(corpus, data_cache, tmp_path / "run") + ["attention.backend=triton"])
+    with pytest.warns(UserWarning), pytest.raises(TrainConfigError, match="^attention.backend=triton: our Triton "
+                                                                          "kernel failed its self-check") as err:
+        train.run(cfg)
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("backend,interpret,message", [
@@ -151,25 +169,31 @@ def test_explicit_triton_refuses_a_failed_kernel(monkeypatch):
 def test_backend_errors_are_one_line(backend, interpret, message, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     with pytest.raises(ValueError) as err:
-        attention.resolve_backend(backend, torch.device("cpu"))
+        attention.choose_backend(backend, "cpu", torch.float32)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_auto_on_cpu_is_the_cpu_kernel_without_a_triton_check(monkeypatch):
     monkeypatch.setattr(self_check, "check_flash_attention", compile_error)
-    assert attention.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert attention.choose_backend("auto", "cpu", torch.float32) == "cpu"
     assert self_check._results == {}
 
 
 
-def test_first_use_inside_torch_compile_is_one_graph(monkeypatch):
-    """train.compile=true: the first forward is traced by torch.compile, so the check runs while
-    tracing. It must neither break the graph (fullgraph) nor be skipped."""
+def test_the_forward_only_reads_the_choice(monkeypatch):
+    """The backend is chosen once, where the model is built (the self-check runs there). The forward,
+    here compiled with fullgraph (no graph break), only reads that choice: no check runs in it, and it
+    runs our kernel."""
     monkeypatch.setattr(attention, "AUTO_TRITON_DEVICES", ("cpu",))
+    assert attention.choose_backend("auto", "cpu", torch.float32) == "triton"
+    monkeypatch.setattr(self_check, "_results", {})  # a check from here on would run again...
+    monkeypatch.setattr(self_check, "check_flash_attention", compile_error)  # ...and fail
+    calls, real = [], flash_module._forward
+    monkeypatch.setattr(flash_module, "_forward", lambda *a: calls.append(1) or real(*a))
     model = tiny_model("gqa")
     x = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)[0]
-    assert self_check._results == {("flash_attention", "cpu"): True}
+    assert self_check._results == {} and len(calls) == model.cfg.n_layers
     torch.testing.assert_close(compiled, logits("sdpa", x), atol=1e-4, rtol=1e-4)
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,7 @@ from gated_serve import StepGate
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 pytestmark = pytest.mark.usefixtures("one_thread")
+RUN_NAME = "2026-12-07_16-37-37"
 
 
 def until(condition, what: str, bound: float = 300.0):
@@ -79,20 +81,21 @@ class Server(Running):
 class InProcess(Running):
     """serve.py's app (create_app) under uvicorn in a thread of this process, on a free port, with its
     engine's steps behind a StepGate the test holds and opens (self.gate), and the app's state at hand
-    (self.app.engine.num_in_flight: requests the handlers have handed to the engine thread)."""
+    (self.app.engine.num_in_flight: requests the handlers have handed to the engine thread). `limits`:
+    the app state's max_body_bytes."""
 
-    def __init__(self, ckpt, max_num_seqs: int):
+    def __init__(self, ckpt, max_num_seqs: int, max_queue: int = 256, **limits):
         import socket
 
         import uvicorn
 
         from engine import LLM
-        from serve import Server as AppState, create_app
+        from server.app import Server as AppState, create_app
 
         llm = LLM(ckpt, device="cpu", max_num_seqs=max_num_seqs)
         self.gate = StepGate(llm.core)
         self.gate.open()
-        self.app = AppState(llm, "run", max_queue=256, chat_template=None)
+        self.app = AppState(llm, "run", max_queue=max_queue, chat_template=None, **limits)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -112,7 +115,9 @@ class InProcess(Running):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / "run", "gqa")
+    """A run folder where train.py's default out_dir puts one (runs/<date>/<time>): served by serve.py as
+    2026-12-07_16-37-37 (RUN_NAME) unless --served-model-name says otherwise."""
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "runs" / "2026-12-07" / "16-37-37", "gqa")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +164,7 @@ def client(server):
 def test_completions_and_chat_match_offline_generate(server, llm):
     c = client(server)
     model = c.models.list().data[0].id
-    assert model == "run"
+    assert model == RUN_NAME
     # Greedy, two prompts, not streamed; usage counts and finish reasons.
     r = c.completions.create(model=model, prompt=["To be, or not", "Once upon"], max_tokens=12, temperature=0,
                              extra_body={"ignore_eos": True})
@@ -198,18 +203,35 @@ def test_completions_and_chat_match_offline_generate(server, llm):
         assert abs(lp.token_logprobs[k] - ref_lp[k, tok].item()) < 1e-4
         assert len(lp.top_logprobs[k]) <= 3 and max(lp.top_logprobs[k].values()) == pytest.approx(
             ref_lp[k].max().item(), abs=1e-4)
-    # Chat with the plain template (this checkpoint has no chat template), not streamed and streamed.
+    # Chat with the plain template (this checkpoint has no chat template): replies end at "\nUser:".
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "To be?"}]
     prompt = "System: Be brief.\n\nUser: To be?\n\nAssistant:"
-    ref = offline(llm, prompt, temperature=0, max_new_tokens=10, ignore_eos=True)
+    ref = offline(llm, prompt, temperature=0, max_new_tokens=10, ignore_eos=True, stop=["\nUser:"])
     r = c.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].message.content == ref.text and r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == len(llm.encode(prompt))
-    ref = offline(llm, prompt, temperature=1.0, seed=3, max_new_tokens=10, ignore_eos=True)
+    ref = offline(llm, prompt, temperature=1.0, seed=3, max_new_tokens=10, ignore_eos=True, stop=["\nUser:"])
     stream = c.chat.completions.create(model=model, messages=messages, max_tokens=10, seed=3, stream=True,
                                        extra_body={"ignore_eos": True})
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == ref.text
+
+
+def test_long_streams_write_what_offline_generate_writes(server, llm):
+    """Two 240-token samples of the random model (byte tokens that split characters or never make one),
+    streamed: each sample's text is offline LLM.generate's, piece by piece."""
+    kw = dict(temperature=1.0, seed=11, n=2, max_new_tokens=240, ignore_eos=True)
+    ref = offline(llm, "ROMEO:", **kw)
+    assert sum("\ufffd" in llm.decode([t]) for t in ref.outputs[0].token_ids) > 10  # split characters
+    body = {"prompt": "ROMEO:", "max_tokens": 240, "temperature": 1.0, "seed": 11, "n": 2, "ignore_eos": True,
+            "stream": True}
+    texts = ["", ""]
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for ch in json.loads(line[6:])["choices"]:
+                    texts[ch["index"]] += ch["text"]
+    assert texts == [o.text for o in ref.outputs]
 
 
 def test_32_concurrent_streams_each_as_alone_and_batched(inproc, gate, llm):
@@ -300,31 +322,57 @@ def test_client_gone_before_a_whole_answer_aborts_and_frees_blocks(inproc, gate)
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, llm):
+    """Each bad body is a 400 (not a 500, not accepted) in OpenAI's shape, `param` naming the field."""
     long_prompt = "To be, or not to be " * 60
     assert len(llm.encode(long_prompt)) >= llm.cfg.max_seq_len
-    cases = [
-        ("/v1/completions", b'{"prompt": "x", "max_tokens": ', 400, None),
-        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "'max_tokens' must be >= 1"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "0 only with echo"),
-        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs must be between 0 and 20"),
-        ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "top_p"),
-        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "samples"),
-        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
-        ("/v1/completions", {"prompt": long_prompt}, 400, "context"),
-        ("/v1/completions", {"prompt": long_prompt, "stream": True}, 400, "context"),
-        ("/v1/completions", {"prompt": 5}, 400, "prompt"),
-        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
-        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
-        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    chat = "/v1/chat/completions"
+    cases = [  # (path, body: JSON or raw bytes, status, param, words in the message)
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": ', 400, None, "not a valid JSON"),
+        ("/v1/completions", b'{"prompt": "\\ud800"}', 400, None, "Invalid JSON"),  # a lone surrogate
+        ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "recursion"),
+        ("/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 400, "temperature", "finite"),
+        ("/v1/completions", b'{"prompt": "x", "top_p": NaN}', 400, "top_p", "finite"),
+        ("/v1/completions", b'[{"prompt": "x"}]', 400, None, "object"),
+        ("/v1/completions", {"prompt": "x", "stream_options": 5, "stream": True}, 400, "stream_options", None),
+        ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": "yes"}, "stream": True}, 400,
+         "stream_options", "include_usage"),
+        ("/v1/completions", {"prompt": "x", "stream": "no"}, 400, "stream", "boolean"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "'max_tokens'"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "0 only with echo"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs", "'logprobs'"),
+        ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "top_p", "top_p"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "'n'"),
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "temperature"),
+        ("/v1/completions", {"prompt": "x", "temperature": "0.5"}, 400, "temperature", "temperature"),
+        ("/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed", "integer"),
+        ("/v1/completions", {"prompt": "x", "stop": ["a", ""]}, 400, "stop", "stop"),
+        ("/v1/completions", {"prompt": long_prompt}, 400, "prompt", "context"),
+        ("/v1/completions", {"prompt": long_prompt, "stream": True}, 400, "prompt", "context"),
+        ("/v1/completions", {"prompt": 5}, 400, "prompt", "prompt"),
+        ("/v1/completions", {"prompt": []}, 400, "prompt", "prompt"),
+        ("/v1/completions", {"prompt": [5, 100000]}, 400, "prompt", "vocabulary"),
+        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "gpt-4"),
+        (chat, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", "messages.0.role"),
+        (chat, {"messages": []}, 400, "messages", "messages"),
+        (chat, b'{"messages": [{"role": "user", "content": "\\udc00"}]}', 400, None, "Invalid JSON"),
+        (chat, {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, 400, "logprobs", "boolean"),
+        (chat, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
+         "max_completion_tokens", None),
     ]
-    for path, body, status, words in cases:
+    for path, body, status, param, words in cases:
         kw = {"content": body} if isinstance(body, bytes) else {"json": body}
         r = server.http.post(path, headers={"Content-Type": "application/json"}, **kw)
-        assert r.status_code == status, (body, r.status_code, r.text)
+        assert r.status_code == status, (body[:100], r.status_code, r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        assert err["param"] == param and err["type"] == ("invalid_request_error" if status == 400 else
+                                                         "not_found_error"), (body[:100], err)
         if words:
-            assert words in err["message"], (body, err)
+            assert words in err["message"], (body[:100], err)
+    # Null is the default, as in OpenAI's API; unknown fields are ignored.
+    r = server.http.post("/v1/completions", json={"prompt": "To be", "max_tokens": 2, "temperature": None,
+                                                  "stop": None, "presence_penalty": 0})
+    assert r.status_code == 200, r.text
     from openai import NotFoundError
 
     with pytest.raises(NotFoundError):
@@ -380,39 +428,46 @@ def test_queue_limit_and_sigterm_drain(run_dir, llm):
         s.stop()
 
 
-def test_playground_in_headless_chromium(server, llm, tmp_path):
-    """The page at /: type a prompt, press Generate, the streamed completion appears (Debian's chromium
-    driven by playwright; a screenshot is saved in the test's tmp folder when it fails)."""
+@contextmanager
+def browser_page(shot: Path):
+    """A page of Debian's headless Chromium (driven by playwright), every wait on it bounded by 300 s (an upper
+    bound on what must happen, not a race); a screenshot is saved at `shot` when the test fails."""
     from playwright.sync_api import sync_playwright
 
     if not Path("/usr/bin/chromium").exists():
         pytest.fail("Chromium is missing: apt-get install -y chromium (.ci/run does it)")
-    expect = offline(llm, "Once upon", temperature=0, max_new_tokens=12).text
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"], timeout=300_000)
         page = browser.new_page()
-        page.set_default_timeout(300_000)  # waits below are upper bounds on what must happen, not races
+        page.set_default_timeout(300_000)
         try:
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent === 'run'")
-            page.fill("#prompt", "Once upon")
-            page.fill("#max_tokens", "12")
-            page.fill("#temperature", "0")
-            page.click("#generate")
-            page.wait_for_function("document.getElementById('gen_stats').textContent.includes('finish: length')")
-            page.wait_for_function("document.getElementById('gen_stats').textContent.startsWith('12 tokens')")
-            assert page.text_content("#completion") == expect
-            assert page.text_content("#error") == ""
-            page.wait_for_function("document.getElementById('server_stats').textContent.includes('KV blocks')")
+            yield page
         except Exception:
-            shot = tmp_path / "playground.png"
             page.screenshot(path=str(shot))
             print(f"screenshot: {shot}")
             raise
         finally:
             browser.close()
+
+
+def test_playground_in_headless_chromium(server, llm, tmp_path):
+    """The page at /: type a prompt, press Generate, the streamed completion appears (Debian's chromium
+    driven by playwright; a screenshot is saved in the test's tmp folder when it fails)."""
+    expect = offline(llm, "Once upon", temperature=0, max_new_tokens=12).text
+    with browser_page(tmp_path / "playground.png") as page:
+        page.goto(server.url + "/")
+        page.wait_for_function(f"document.getElementById('model').textContent === '{RUN_NAME}'")
+        page.fill("#prompt", "Once upon")
+        page.fill("#max_tokens", "12")
+        page.fill("#temperature", "0")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('gen_stats').textContent.includes('finish: length')")
+        page.wait_for_function("document.getElementById('gen_stats').textContent.startsWith('12 tokens')")
+        assert page.text_content("#completion") == expect
+        assert page.text_content("#error") == ""
+        page.wait_for_function("document.getElementById('server_stats').textContent.includes('KV blocks')")
 
 
 def test_bench_serve_runs_end_to_end(server):
@@ -431,12 +486,33 @@ def test_bench_serve_runs_end_to_end(server):
     assert all(r["requests"] == 6 and r["output_tokens"] == expect and r["tokens_per_s"] > 0 for r in rows)
 
 
+def test_default_served_model_name(run_dir, tmp_path):
+    """The name clients pass as 'model' without --served-model-name: the run folder's, from any folder
+    of the run; a Hugging Face folder's own name. (The served name itself: test_completions_... and
+    test_serve_limits.py's --served-model-name.)"""
+    from checkpoint.hf import write_hf_folder
+    from checkpoint.load import load_pretrained
+    from checkpoint import load_chat_template
+    from serve import default_model_name
+
+    ckpt = (run_dir / "checkpoints" / "latest").resolve()
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "latest", ckpt):
+        assert default_model_name(str(folder)) == RUN_NAME, folder
+    plain = write_checkpoint(tmp_path / "shakespeare", "gqa")
+    assert default_model_name(str(plain / "checkpoints")) == "shakespeare"
+    p = load_pretrained(run_dir)
+    hf = tmp_path / "exports" / "tiny-hf"  # sharded: no model.safetensors, which our checkpoints have
+    write_hf_folder(hf, p.config, p.state_dict, p.tokenizer_path, p.eos_id, max_shard_bytes=40_000)
+    assert default_model_name(str(hf)) == "tiny-hf" and load_chat_template(str(hf)) is None
+
+
 def test_chat_template_from_tokenizer_config(run_dir, tmp_path):
     """A tokenizer_config.json beside the weights (as Hugging Face exports write it) sets the chat
     prompt; without one the plain template is used."""
     import shutil
 
-    from serve import load_chat_template, render_chat
+    from checkpoint import load_chat_template
+    from server.chat import render_chat
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert load_chat_template(str(run_dir)) is None
@@ -501,8 +577,9 @@ def test_engine_thread_fails_one_request_and_keeps_serving(run_dir):
         assert asyncio.run(asyncio.wait_for(scenario(), 300)) == ref  # a dead engine thread: a failure, not a hang
     finally:
         engine.close()
-    snap = engine.metrics.snapshot()
-    assert snap["requests_failed"] == 2 and snap["requests_finished"] == 2 and snap["blocks_used"] == 0
+    m = engine.metrics
+    assert m.value("smallllm_requests_failed_total") == 2 and m.value("smallllm_requests_finished_total") == 2
+    assert m.gauges["blocks_used"] == 0
     assert llm.block_manager.num_used_blocks == 0
 
 

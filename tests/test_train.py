@@ -317,11 +317,13 @@ def test_val_split_must_give_every_process_a_window():
 
     from data import DataError
 
+    from data import eval_batches
+
     cfg = SimpleNamespace(train=SimpleNamespace(seq_len=10, batch_size=4))
     tokens = np.arange(25, dtype=np.uint16)  # 2 windows of 10 tokens
-    trainer.check_val_split(tokens, cfg, world_size=2)
+    trainer.check_val_split(eval_batches(tokens, 10, 4, 1), cfg, world_size=2)
     with pytest.raises(DataError, match="holds 2 windows .* fewer than the 3 processes; lower train.seq_len"):
-        trainer.check_val_split(tokens, cfg, world_size=3)
+        trainer.check_val_split(eval_batches(tokens, 10, 4, 1), cfg, world_size=3)
 
 
 # ---- a time budget: the schedule fitted to train.max_minutes ---------------------------------------------

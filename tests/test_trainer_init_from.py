@@ -18,13 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pretrained(corpus, data_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrained") / "run"
-    train.run(compose_config(tiny_overrides(corpus, data_cache, out)))
-    return out
-
-
-@pytest.fixture(scope="module")
 def hf_pretrained(tmp_path_factory):
     """A Llama 3-layout folder written by transformers itself (untied GQA, theta 500000, llama3 scaling)."""
     from test_import_hf import save_random

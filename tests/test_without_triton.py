@@ -23,10 +23,11 @@ sys.path[:0] = ["tests", "."]
 import torch
 from builders import tiny_model
 from engine import LLM, SamplingParams
-from model.attention import resolve_backend
+from model.attention import choose_backend
 
+assert choose_backend("auto", "cpu", torch.float32) == "cpu"  # our C++ kernel, chosen without a Triton check
 for attention in ("gqa", "mla"):
-    model = tiny_model(attention).train()  # backend "auto": our C++ kernel on CPU
+    model = tiny_model(attention).train()  # backend "auto": the choice above
     x = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
     _, loss = model(x, targets=x)
     loss.backward()
@@ -39,9 +40,8 @@ for attention in ("gqa", "mla"):
     recompute = [o.token_ids for o in LLM(model=model, device="cpu", use_cache=False).generate(prompts, params)]
     assert paged == recompute and all(len(t) == 12 for t in paged), (paged, recompute)
 
-assert resolve_backend("auto", torch.device("cpu")) == "cpu"
 try:
-    resolve_backend("triton", torch.device("cpu"))
+    choose_backend("triton", "cpu", torch.float32)
 except ValueError as e:
     print(e)
 assert not any(m == "triton" or m.startswith("triton.") for m in sys.modules), "triton was imported"

@@ -7,7 +7,8 @@
 (the same for every run of one `python train.py -m` sweep; the run folder for a single run; the bare
 prefix outside a Hydra app, e.g. with hydra.compose in tests).
 
-`matched_ffn_dim` gives equal parameter counts across attention variants.
+`matched_ffn_dim` gives equal parameter counts across attention variants; `matched_kv_lora_rank` gives MLA
+the KV cache bytes per token of another variant (below).
 
 The attention variants differ in their K/V projections, so at equal width they differ in parameters
 (at model/tiny: MHA 3.34M, GQA 3.15M, MQA 3.10M, MLA 3.25M). conf/experiment/attention_ablation_matched.yaml
@@ -52,9 +53,28 @@ def matched_ffn_dim(model_fields: dict, reference: str, reference_ffn: int) -> i
     return max(1, reference_ffn + round((target - base) / per_unit))
 
 
+def matched_kv_lora_rank(model_fields: dict, reference: str) -> int:
+    """kv_lora_rank that gives MLA, at these dims, the KV bytes per token of `reference` (mha, gqa or mqa with
+    its n_kv_heads): MLA caches kv_lora_rank + qk_rope_head_dim values per layer, the others 2 x kv heads x
+    head_dim. conf/experiment/attention_ablation_matched_kv.yaml: ${matched_kv_lora_rank:gqa}."""
+    known = {f.name for f in fields(ModelConfig)}
+    ref = {k: v for k, v in model_fields.items() if k in known and k != "kv_lora_rank"}
+    ref.update(attention=reference, n_kv_heads=KV_HEADS.get(reference, ref["n_kv_heads"]) or ref["n_heads"])
+    rank = ModelConfig(**ref).kv_cache_values_per_token_per_layer() - ref["qk_rope_head_dim"]
+    if rank < 1:
+        raise ValueError(f"{reference}'s KV cache is no larger than MLA's rope key alone "
+                         f"(qk_rope_head_dim {ref['qk_rope_head_dim']}): lower model.qk_rope_head_dim")
+    return rank
+
+
 def _resolve(reference: str, reference_ffn, *, _parent_) -> int:
     node = {k: _parent_[k] for k in _parent_ if k != "ffn_dim"}  # reading ffn_dim would recurse into us
     return matched_ffn_dim(node, str(reference), int(reference_ffn))
+
+
+def _resolve_kv(reference: str, *, _parent_) -> int:
+    node = {k: _parent_[k] for k in _parent_ if k != "kv_lora_rank"}  # reading kv_lora_rank would recurse into us
+    return matched_kv_lora_rank(node, str(reference))
 
 
 def sweep_group(prefix: str) -> str:
@@ -70,5 +90,7 @@ def sweep_group(prefix: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("matched_ffn_dim"):
         OmegaConf.register_new_resolver("matched_ffn_dim", _resolve)
+    if not OmegaConf.has_resolver("matched_kv_lora_rank"):
+        OmegaConf.register_new_resolver("matched_kv_lora_rank", _resolve_kv)
     if not OmegaConf.has_resolver("sweep_group"):
         OmegaConf.register_new_resolver("sweep_group", sweep_group)

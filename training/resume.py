@@ -1,11 +1,15 @@
 """Where a run starts when it does not start from scratch: a checkpoint to continue (train.resume), checked
 for what would make the continuation wrong or inexact, or a checkpoint's model to fine-tune
-(train.init_from), whose config and tokenizer the run adopts."""
+(train.init_from), whose config and tokenizer the run adopts, with rows for the tokens the data adds."""
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
+import torch
+from tokenizers import Tokenizer
+
 from checkpoint import CheckpointError, later_checkpoints
+from data import DataError
 
 from .errors import TrainConfigError
 from .optim import lr_at
@@ -79,3 +83,29 @@ def adopt_pretrained_config(cfg, pretrained, cli_overrides) -> None:
     for key, value in saved.items():
         cfg.model[key] = value
     cfg.data.tokenizer_path = str(pretrained.tokenizer_path)
+
+
+def add_new_tokens(cfg, pretrained, tokenizer: Tokenizer):
+    """train.init_from, when the data's tokenizer adds tokens to the checkpoint's (data=chat adds the chat tokens; a
+    tokenizer without <|endoftext|> gets one): the checkpoint with embedding and output rows for them, and their
+    names; cfg.model.vocab_size follows. A new token's rows start as the mean of the known tokens' rows: an average
+    token with an average logit, rather than a random one whose logit could be anything."""
+    old = Tokenizer.from_file(str(pretrained.tokenizer_path)).get_vocab(with_added_tokens=True)
+    new = tokenizer.get_vocab(with_added_tokens=True)
+    vocab = max(pretrained.config.vocab_size, max(new.values()) + 1)
+    added = {t: i for t, i in new.items() if t not in old}  # appended: the data loads the checkpoint's tokenizer
+    if max(old.values()) >= pretrained.config.vocab_size:
+        raise DataError(f"the tokenizer of {pretrained.dir} has ids up to {max(old.values())} but the model only "
+                        f"{pretrained.config.vocab_size} rows: the checkpoint is inconsistent")
+    if not added:
+        return pretrained, []
+    state, known = dict(pretrained.state_dict), sorted(old.values())
+    for name in ("embed.weight", "lm_head.weight"):
+        w = state[name]
+        grown = torch.cat([w, w.new_zeros(vocab - len(w), w.shape[1])])
+        grown[list(added.values())] = w[known].mean(0)
+        state[name] = grown
+    if pretrained.config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    cfg.model.vocab_size = vocab
+    return replace(pretrained, config=replace(pretrained.config, vocab_size=vocab), state_dict=state), sorted(added)

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from checkpoint import CheckpointError, discard_later, load_checkpoint, load_pretrained, save_checkpoint
-from data import DataError, TokenBatches, bits_per_byte, eval_batches, eval_text_size, load_prepared, prepare
+from data import DataError, bits_per_byte, load_prepared, prepare
+from data.recall import recall_hits
 from engine.threads import ThreadGovernor
-from model import Transformer
+from model import Transformer, choose_backend
 
 from .config import check_options, check_train_config
 from .distributed import (fail_together, forward_is_collective, full_state, gradient_sync, init_distributed,
@@ -32,7 +34,7 @@ from .distributed import (fail_together, forward_is_collective, full_state, grad
 from .errors import TrainConfigError, TrainingError
 from .metrics import MetricsLogger, flops_per_token, peak_flops
 from .optim import build_optimizer, lr_at, steps_that_fit
-from .resume import adopt_pretrained_config, check_later_checkpoints, check_resume_compatible
+from .resume import add_new_tokens, adopt_pretrained_config, check_later_checkpoints, check_resume_compatible
 from .rng import capture_rng_state, restore_rng_state
 from .run_dir import claim_out_dir, record_config
 from .sample import sample_text
@@ -112,13 +114,22 @@ def timed(field: str):
     return decorate
 
 
-def check_val_split(tokens, cfg, world_size: int) -> None:
-    """Every rank must get a window of the first eval batch (evaluate splits its rows by rank):
-    check at start-up rather than at the first eval."""
-    x, _ = next(eval_batches(tokens, cfg.train.seq_len, cfg.train.batch_size, 1))
+def check_val_split(val_batches, cfg, world_size: int) -> None:
+    """Every rank must get a row of the first eval batch (evaluate splits its rows by rank): check at start-up
+    rather than at the first eval. val_batches: the evaluation batches (data.val_batches)."""
+    x, _ = next(val_batches)
     if len(x) < world_size:
         raise DataError(f"the val split holds {len(x)} windows of train.seq_len={cfg.train.seq_len}, fewer than "
                         f"the {world_size} processes; lower train.seq_len or add data")
+
+
+def choose_attention(backend: str, device: torch.device) -> None:
+    """attention.backend's kernel, chosen once for the dtype attention runs in (bf16 under CUDA's autocast,
+    see Trainer.autocast; fp32 elsewhere): a kernel that cannot run stops the run before it starts."""
+    try:
+        choose_backend(backend, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
 
 
 class Trainer:
@@ -146,6 +157,9 @@ class Trainer:
                 step = "a Hugging Face folder" if pretrained.step is None else f"step {pretrained.step}"
                 print(f"init_from: {pretrained.dir} ({step}): {self.raw_model.num_params() / 1e6:.2f}M parameters, "
                       f"tokenizer {pretrained.tokenizer_path} ({self.data.vocab_size:,} ids)")
+                if self.added_tokens:
+                    print(f"init_from: new tokens {', '.join(self.added_tokens)}: their embedding and output rows "
+                          "start as the mean of the known tokens' rows")
         # For MFU (training/metrics.py): counted before wrapping, as FSDP shards the weights it counts.
         self.flops_per_token = flops_per_token(self.raw_model, cfg.train.seq_len)
         peak = peak_flops(self.device, cfg.train.peak_tflops)
@@ -187,7 +201,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         # An error on any rank is raised on every rank, so none waits forever. Rank 0 builds the token
         # cache while the others wait, then they read it.
-        pretrained = None
+        pretrained, self.added_tokens = None, []
         with fail_together(info):
             if cfg.train.init_from:
                 pretrained = load_pretrained(cfg.train.init_from)
@@ -201,17 +215,16 @@ class Trainer:
                 self.data = load_prepared(prepare(data_cfg).dir)
             if pretrained is None:
                 cfg.model.vocab_size = self.data.vocab_size
-            elif self.data.vocab_size > pretrained.config.vocab_size:
-                raise DataError(f"the tokenizer of {pretrained.dir} has {self.data.vocab_size} ids but the model "
-                                f"only {pretrained.config.vocab_size}: the checkpoint is inconsistent")
+            else:  # data=chat adds the chat tokens to the checkpoint's tokenizer: the model grows rows for them
+                pretrained, self.added_tokens = add_new_tokens(cfg, pretrained, self.data.tokenizer)
             self.model_cfg = OmegaConf.to_object(cfg.model)  # validates: raises ConfigError on inconsistent dims
             check_train_config(cfg, self.model_cfg, info.world_size)
+            choose_attention(cfg.attention.backend, self.device)
             self.config_dict = OmegaConf.to_container(cfg, resolve=True)
-            self.batches = TokenBatches(self.data.train, cfg.train.seq_len, cfg.train.batch_size, cfg.seed,
-                                        info.rank, info.world_size)
-            check_val_split(self.data.val, cfg, info.world_size)
-            self.eval_tokens, self.eval_bytes = eval_text_size(self.data.val, self.data.tokenizer, cfg.train.seq_len,
-                                                               cfg.train.batch_size, cfg.train.eval_batches)
+            t = cfg.train
+            self.batches = self.data.train_batches(t.seq_len, t.batch_size, cfg.seed, info.rank, info.world_size)
+            check_val_split(self.data.val_batches(t.seq_len, t.batch_size, 1), cfg, info.world_size)
+            self.eval_tokens, self.eval_bytes = self.data.val_text_size(t.seq_len, t.batch_size, t.eval_batches)
             ckpt = self._checkpoint_to_resume() if cfg.train.resume else None
             if ckpt is not None:
                 self._resume_state = ckpt.trainer_state()
@@ -380,14 +393,22 @@ class Trainer:
         The mean is over the same windows whatever the number of processes: each rank scores its share
         of every batch's rows (shares may differ by one row) and the token-weighted sums are added."""
         cfg, info, step = self.cfg, self.info, self.progress.step
+        recall = self.data.meta.get("recall")  # data=recall: also the share of answers right (data/recall.py)
         self.model.eval()
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for x, y in eval_batches(self.data.val, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches):
-            count += y.numel()
+        answers = torch.zeros(2, dtype=torch.float64, device=self.device)  # data=recall: right, scored
+        for x, y in self.data.val_batches(cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches):
+            count += (y != -1).sum().item()  # the scored targets (data=chat scores the replies only)
             x, y = x.tensor_split(info.world_size)[info.rank], y.tensor_split(info.world_size)[info.rank]
+            x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
-                _, loss = self.model(x.to(self.device), y.to(self.device))
-            total += loss.double() * y.numel()
+                if recall is None:
+                    _, loss = self.model(x, y)
+                else:  # the logits, to score the answers too: recall's vocabulary is small
+                    logits, _ = self.model(x)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    answers += recall_hits(logits, x, y, recall)
+            total += loss.double() * (y != -1).sum()
         self.model.train()
         val_loss = (sum_across_ranks(total, info) / count).item()
         self._stop_if_diverged("val loss", val_loss)
@@ -395,6 +416,9 @@ class Trainer:
                   "val_ppl": math.exp(min(val_loss, 50)),
                   "val_bpb": bits_per_byte(val_loss, self.eval_tokens, self.eval_bytes),
                   "elapsed_s": self.elapsed()}
+        if recall is not None:
+            right, scored = sum_across_ranks(answers, info).tolist()
+            record["val_recall_acc"] = right / max(scored, 1)
         if self.harness_tasks is not None:  # train.eval_tasks
             from evaluation.harness import task_metrics
 
@@ -402,8 +426,8 @@ class Trainer:
                                        cfg.train.eval_tasks_limit, self.device))
         # Under FSDP every forward all-gathers weights: all ranks sample (the same text); rank 0 logs it.
         if cfg.train.sample_tokens > 0 and (info.is_main or forward_is_collective(self.raw_model)):
-            text = sample_text(self.raw_model, self.data.tokenizer, "\n", cfg.train.sample_tokens, self.device,
-                               seed=cfg.seed)
+            text = sample_text(self.raw_model, self.data.tokenizer, self.data.sample_prompt, cfg.train.sample_tokens,
+                               self.device, seed=cfg.seed)
             self.logger.log_text("sample", text, step)
             record["sample"] = text
         self.logger.log(record)
@@ -448,8 +472,11 @@ class Trainer:
         where = f" x {info.world_size} ({cfg.train.parallel})" if info.distributed else ""
         dtype, size = ("bfloat16", 2) if self.device.type == "cuda" else ("float32", 4)  # see self.autocast
         compiled = " | torch.compile: the first step compiles" if self.fwd_model is not self.model else ""
-        n_train, steps = self.data.meta["n_train_tokens"], cfg.train.max_steps
-        passes = steps * self.tokens_per_step / n_train
+        steps, chat = cfg.train.max_steps, self.data.meta.get("format") == "chat"
+        # data=chat: a step is batch_size conversations (data/conversations.py)
+        unit, per_step = ("conversations", cfg.train.batch_size) if chat else ("tokens", self.tokens_per_step)
+        n_train = self.data.meta[f"n_train_{unit}"]
+        passes = steps * per_step / n_train
         passes = f"{passes:,.1f}" if passes >= 0.1 else f"{passes:.1g}"
         budget = f" (or train.max_minutes={cfg.train.max_minutes}, if sooner" if cfg.train.max_minutes else ""
         if budget:
@@ -457,14 +484,17 @@ class Trainer:
         return (f"model: {cfg.model.attention}, {self.raw_model.num_params() / 1e6:.2f}M parameters, "
                 f"KV cache {self.model_cfg.kv_cache_bytes_per_token(size):,} bytes/token in {dtype} | "
                 f"device {self.device}{where}{compiled} | out_dir {self.out_dir}\n"
-                f"budget: {steps:,} steps x {self.tokens_per_step:,} tokens = {passes} "
-                f"passes over {n_train:,} training tokens{budget}")
+                f"budget: {steps:,} steps x {per_step:,} {unit} = {passes} "
+                f"passes over {n_train:,} training {unit}{budget}")
 
-    def prompt_hint(self) -> str:
-        """A prompt that fits the data: the first line of the validation text (for the `try it:` line)."""
+    def generate_args(self) -> list[str]:
+        """generate.py's arguments for the `try it:` line: --chat after data=chat, else a prompt that fits the data
+        (the first line of the validation text)."""
+        if self.data.meta.get("format") == "chat":
+            return ["--chat"]
         text = self.data.tokenizer.decode(self.data.val[:64].tolist(), skip_special_tokens=True)
         line = next((line.strip() for line in text.splitlines() if line.strip()), "")
-        return line[:40] or "The"
+        return ["--prompt", line[:40] or "The"]
 
     def close(self) -> None:
         """Release out_dir (another run may use it now) and leave the process group."""
