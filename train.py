@@ -67,8 +67,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 def loop(t: Trainer, signals: StopOnSignal) -> dict:
-    """Steps until train.max_steps, the time budget or a signal; returns the summary (`stopped_by`: what
-    ended the run early, None if it reached max_steps)."""
+    """Steps until train.max_steps (or the step a time budget fitted its schedule to), the time budget or
+    a signal; returns the summary (`stopped_by`: what ended the run early, None if it reached that step)."""
     c, main = t.cfg.train, t.info.is_main
     if main:
         print(t.describe())
@@ -76,13 +76,19 @@ def loop(t: Trainer, signals: StopOnSignal) -> dict:
     if main and c.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=c.max_steps, initial=t.progress.step, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=t.max_steps, initial=t.progress.step, desc="train", dynamic_ncols=True)
 
     last_eval, stopped_by = None, None
-    while t.progress.step < c.max_steps:
+    while t.progress.step < t.max_steps:
         stats = t.train_step()
         step = t.progress.step
-        if step % c.log_every == 0 or step == c.max_steps:
+        fitted = t.fit_schedule()  # with train.max_minutes: the schedule's length, once, after the warmup
+        if fitted and main:
+            (bar.write if bar is not None else print)(fitted)
+            if bar is not None:
+                bar.total = t.max_steps
+        timing = t.times_costs()  # before that fit: this step evaluates and saves, to time both
+        if step % c.log_every == 0 or step == t.max_steps:
             record = t.log_step(stats)
             if bar is not None:
                 mfu = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
@@ -95,13 +101,13 @@ def loop(t: Trainer, signals: StopOnSignal) -> dict:
         if signalled or out_of_time:
             stopped_by = (signals.requested or "a signal to another process") if signalled else \
                 f"train.max_minutes={c.max_minutes}"
-        done = step == c.max_steps or stopped_by is not None
-        if step % c.eval_every == 0 or (done and not signalled):  # a signal wants out quickly: save only
+        done = step == t.max_steps or stopped_by is not None
+        if step % c.eval_every == 0 or ((done or timing) and not signalled):  # a signal wants out quickly: save only
             last_eval = t.evaluate()
             if bar is not None:
                 bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, bits/byte {last_eval['val_bpb']:.4f}")
         best = last_eval is not None and last_eval["step"] == step and last_eval["improved"]
-        if step % c.save_every == 0 or done or best:
+        if step % c.save_every == 0 or done or best or timing:
             t.save(best=best)
         if stopped_by is not None:
             break

@@ -42,21 +42,21 @@ def stop() -> None:
 if "FAULT_STOP_AT_STEP" in os.environ:
     stop_step, real_lr_at = int(os.environ["FAULT_STOP_AT_STEP"]), training.optim.lr_at
 
-    def lr_at(step, cfg):  # called once at the top of each optimizer step, with the steps done so far
+    def lr_at(step, cfg, steps=None):  # called once at the top of each optimizer step, with the steps done so far
         if step == stop_step:
             stop()
-        return real_lr_at(step, cfg)
+        return real_lr_at(step, cfg, steps)
 
     training.optim.lr_at = lr_at  # before train.py runs its `from training.optim import lr_at`
 
 if "FAULT_SIGNAL_AT_STEP" in os.environ:
     signal_step, real_lr_at_ = int(os.environ["FAULT_SIGNAL_AT_STEP"]), training.optim.lr_at
 
-    def lr_at(step, cfg):
+    def lr_at(step, cfg, steps=None):
         if step == signal_step and int(os.environ.get("FAULT_SIGNAL_RANK", RANK)) == RANK:
             for _ in range(int(os.environ.get("FAULT_SIGNAL_COUNT", "1"))):  # 2: a second Ctrl-C
                 os.kill(os.getpid(), signal.Signals[os.environ["FAULT_SIGNAL"]])
-        return real_lr_at_(step, cfg)
+        return real_lr_at_(step, cfg, steps)
 
     training.optim.lr_at = lr_at
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -61,22 +62,28 @@ class Crash(Exception):
     pass
 
 
+def crash_after_save(monkeypatch, at_step: int):
+    """Make the checkpoint of `at_step` raise Crash right after it is written, as a killed run would;
+    returns the real save_checkpoint, to put back."""
+    real_save = trainer.save_checkpoint
+
+    def save_then_crash(root, step, *args, **kw):
+        path = real_save(root, step, *args, **kw)
+        if step == at_step:
+            raise Crash
+        return path
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    return real_save
+
+
 @pytest.mark.parametrize("optimizer", ["muon", pytest.param("adamw", marks=pytest.mark.slow)])  # the default, and the other
 def test_resume_is_exact(optimizer, corpus, data_cache, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     base = tiny_overrides(corpus, data_cache, straight) + ["train.grad_accum=2", f"train.optimizer={optimizer}"]
     train.run(compose_config(base))
 
-    # Crash right after the step-3 checkpoint, as a killed run would, then resume to step 6.
-    real_save = trainer.save_checkpoint
-
-    def save_then_crash(root, step, *args, **kw):
-        path = real_save(root, step, *args, **kw)
-        if step == 3:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    real_save = crash_after_save(monkeypatch, 3)  # then resume to step 6
     with pytest.raises(Crash):
         train.run(compose_config(base + [f"out_dir={resumed}"]))
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
@@ -317,3 +324,123 @@ def test_val_split_must_give_every_process_a_window():
     trainer.check_val_split(eval_batches(tokens, 10, 4, 1), cfg, world_size=2)
     with pytest.raises(DataError, match="holds 2 windows .* fewer than the 3 processes; lower train.seq_len"):
         trainer.check_val_split(eval_batches(tokens, 10, 4, 1), cfg, world_size=3)
+
+
+# ---- a time budget: the schedule fitted to train.max_minutes ---------------------------------------------
+
+STEP_S, EVAL_S, SAVE_S = 1.0, 3.0, 0.5  # what the fake clock charges for a step, an evaluation and a save
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """The trainer's clock, advanced by a fixed charge for each training step, evaluation and save (inside
+    the evaluation and the save, where the trainer times them): no figure depends on the machine's speed."""
+    clock = SimpleNamespace(now=1000.0)
+    clock.time = lambda: clock.now
+    monkeypatch.setattr(trainer, "time", clock)
+
+    def charging(seconds, fn):
+        def charged(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            clock.now += seconds
+            return result
+        return charged
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", charging(STEP_S, trainer.Trainer.train_step))
+    monkeypatch.setattr(trainer, "bits_per_byte", charging(EVAL_S, trainer.bits_per_byte))  # once an evaluation
+    monkeypatch.setattr(trainer, "save_checkpoint", charging(SAVE_S, trainer.save_checkpoint))
+    return clock
+
+
+def logged_lrs(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in metrics(out_dir) if "lr" in r}
+
+
+BUDGET_S, WARMUP, LR = 33, 10, 3e-3
+
+
+def budget_overrides(corpus, data_cache, out_dir) -> list[str]:
+    """A 33-second budget on the fake clock; the step budget far beyond it, as for a time-budgeted run."""
+    return tiny_overrides(corpus, data_cache, out_dir) + [
+        "train.max_steps=100000", f"train.max_minutes={BUDGET_S / 60}", f"train.warmup_steps={WARMUP}",
+        "train.eval_every=10", "train.save_every=15", f"train.lr={LR}"]
+
+
+def test_time_budget_fits_the_schedule(corpus, data_cache, tmp_path, fake_clock):
+    """train.max_minutes: the decay ends inside the budget, at the step the fit chose, and the run is then the
+    step-budgeted run of that many steps, bitwise; train.fit_schedule=false keeps the old behaviour (the
+    schedule spans max_steps: stopped by the clock near the peak LR)."""
+    out = tmp_path / "fitted"
+    start = fake_clock.now
+    summary = train.run(compose_config(budget_overrides(corpus, data_cache, out)))
+    used = fake_clock.now - start
+    fitted = load_checkpoint(out).trainer_state()["schedule_steps"]
+    assert summary["stopped_by"] is None and summary["final_step"] == fitted == summary["schedule_steps"]
+    # Inside the budget, final evaluation and save included, and the next step (with its evaluation and save)
+    # would not have fitted: the fit counts evaluations and saves (each evaluation saved here: val loss improves).
+    assert BUDGET_S - (STEP_S + EVAL_S + SAVE_S) < used <= BUDGET_S, used
+    # The decay ends at the last step: its LR is the cosine's last, one step short of min_lr (as a step budget's).
+    lrs, min_lr = logged_lrs(out), LR * 0.1
+    assert lrs[fitted] == pytest.approx(min_lr + (LR - min_lr) * (1 - math.cos(math.pi / (fitted - WARMUP))) / 2)
+    assert [r["step"] for r in metrics(out) if "val_loss" in r][:2] == [1, 10]  # timed at step 1, then as asked
+
+    steps = tmp_path / "steps"
+    args = [a for a in budget_overrides(corpus, data_cache, steps) if not a.startswith("train.max_")]
+    train.run(compose_config(args + [f"train.max_steps={fitted}"]))
+    assert train_losses(steps) == train_losses(out) and logged_lrs(steps) == lrs
+
+    old = tmp_path / "old"
+    summary = train.run(compose_config(budget_overrides(corpus, data_cache, old) + ["train.fit_schedule=false"]))
+    assert summary["stopped_by"] == f"train.max_minutes={BUDGET_S / 60}"
+    assert logged_lrs(old)[summary["final_step"]] > 0.99 * LR
+
+
+def test_resume_of_a_time_budgeted_run_is_exact(corpus, data_cache, tmp_path, monkeypatch, fake_clock):
+    """Stopped after the fit (here by a crash after the step-15 save), a time-budgeted run resumes to the same
+    fitted schedule and the same losses as the uninterrupted run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.run(compose_config(budget_overrides(corpus, data_cache, straight)))
+
+    real_save = crash_after_save(monkeypatch, 15)
+    with pytest.raises(Crash):
+        train.run(compose_config(budget_overrides(corpus, data_cache, resumed)))
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    train.run(compose_config(budget_overrides(corpus, data_cache, resumed) + ["train.resume=true"]))
+
+    assert train_losses(resumed) == train_losses(straight) and logged_lrs(resumed) == logged_lrs(straight)
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert a.trainer_state()["step"] == b.trainer_state()["step"] == a.trainer_state()["schedule_steps"]
+    for k in a.model_state:
+        assert torch.equal(a.model_state[k], b.model_state[k]), k
+
+
+def simulated_seconds(step: int, last: int, step_s, eval_s, save_s, eval_every: int, save_every: int) -> float:
+    """train.py's loop from the fit at `step` to the end at `last`, event by event: each later step, and at each
+    step from `step` on, an evaluation at multiples of eval_every and at the last step, then one save if it
+    evaluated (as if the evaluation improved) or is a multiple of save_every."""
+    seconds = 0.0
+    for s in range(step, last + 1):
+        seconds += step_s if s > step else 0.0
+        evaluates = s % eval_every == 0 or s == last
+        seconds += eval_s * evaluates + save_s * (evaluates or s % save_every == 0)
+    return seconds
+
+
+@pytest.mark.parametrize("step, seconds, step_s, eval_s, save_s, eval_every, save_every, max_steps", [
+    (50, 300.0, 1.0, 4.0, 0.3, 100, 200, 100000),  # the defaults' shape: evaluations every 100, saves every 200
+    (10, 60.0, 1.0, 3.0, 0.5, 10, 25, 100000),     # the tests' budget above
+    (10, 60.0, 1.0, 3.0, 0.5, 10, 25, 30),         # max_steps comes first
+    (20, 57.0, 0.7, 2.5, 1.5, 20, 20, 1000),       # the fit step evaluates and saves too
+    (30, 2.0, 1.0, 3.0, 0.5, 7, 9, 1000),          # not even the last evaluation fits: end now
+    (12, 1000.0, 2.3, 0.0, 0.0, 5, 6, 100000),     # free evaluations: steps only
+])
+def test_steps_that_fit_is_the_longest_run_that_fits(step, seconds, step_s, eval_s, save_s, eval_every, save_every,
+                                                     max_steps):
+    from training.config import TrainConfig
+    from training.optim import steps_that_fit
+
+    cfg = TrainConfig(max_steps=max_steps, eval_every=eval_every, save_every=save_every)
+    longest = min(max_steps, step + int(seconds / step_s))  # each step takes step_s at least
+    fits = [last for last in range(step, longest + 1)
+            if simulated_seconds(step, last, step_s, eval_s, save_s, eval_every, save_every) <= seconds]
+    assert steps_that_fit(step, seconds, step_s, eval_s, save_s, cfg) == max(fits, default=step)

@@ -2,6 +2,10 @@
 own FLOP counter (tests/test_train.py checks the logged MFU with it), the trainer's fused AdamW against torch's
 for-loop AdamW, the compiled step against the eager one."""
 
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +115,70 @@ def test_compiled_step_matches_eager(attention):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=0, atol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_inductor_cache_goes_to_dot_cache_unless_chosen(monkeypatch):
+    """compile_for_training keeps Inductor's caches in .cache/torchinductor (README, `make clean`), though
+    importing torch._dynamo has already written torch's default folder into TORCHINDUCTOR_CACHE_DIR; a
+    folder the user chose stays."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    try:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))  # what the import wrote
+        compile_for_training(torch.nn.Linear(2, 2), torch.device("cpu"))
+        assert cache_dir() == str(Path(".cache/torchinductor").resolve())
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+        compile_for_training(torch.nn.Linear(2, 2), torch.device("cpu"))
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
+    finally:  # the mode is process-wide: leave the other tests as they were
+        torch.use_deterministic_algorithms(False)
+
+
+def bench_options(corpus, data_cache) -> list[str]:
+    """The tests' tiny run as scripts/bench_train.py's options (it adds out_dir, and quiets its Trainers itself)."""
+    from conftest import tiny_overrides
+
+    return [o for o in tiny_overrides(corpus, data_cache, Path("unused"))
+            if not o.startswith(("out_dir=", "train.progress=", "wandb.mode="))]
+
+
+def test_bench_steps_are_the_trainers(corpus, data_cache, tmp_path, monkeypatch):
+    """scripts/bench_train.py times Trainer.train_step itself (what train.py runs), not a copy of it: each
+    step it times is a call of the method, on a Trainer of the variant's config."""
+    from scripts import bench_train
+    from training.trainer import Trainer
+
+    calls = []
+    real = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self: calls.append(self.cfg.train.optimizer) or real(self))
+    args = SimpleNamespace(loop=False, warmup=1, steps=2)
+    step, timed, _ = bench_train.build("adamw", args, bench_options(corpus, data_cache), tmp_path, None)
+    assert timed() > 0 and calls == ["adamw"] * 3  # the warm-up step, then the two timed
+
+
+def test_bench_loop_time_is_the_trainers_clock(corpus, data_cache, tmp_path, monkeypatch):
+    """--loop: the seconds per step of train.py's whole loop, from the trainer's own clock between its log
+    lines at train.log_every and at the last step; a fake clock charging 0.25 s a step (and 7 s for each
+    evaluation, which the loop makes after the last step only) makes the answer exact."""
+    import training.trainer as trainer
+    from scripts import bench_train
+
+    clock = SimpleNamespace(now=0.0)
+    clock.time = lambda: clock.now
+    monkeypatch.setattr(trainer, "time", clock)
+    real_step, real_eval = trainer.Trainer.train_step, trainer.Trainer.evaluate
+
+    def step(self):
+        clock.now += 0.25
+        return real_step(self)
+
+    def evaluate(self):
+        clock.now += 7.0
+        return real_eval(self)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
+    monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate)
+    cfg = bench_train.config(bench_options(corpus, data_cache) + [
+        f"out_dir={tmp_path / 'loop'}", "train.log_every=2", "train.max_steps=8", "train.eval_every=4"])
+    seconds, share = bench_train.loop_seconds_per_step(cfg)
+    assert seconds == 0.25 and share > 0

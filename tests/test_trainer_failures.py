@@ -24,7 +24,7 @@ import training.trainer as trainer
 from checkpoint import CheckpointError, load_checkpoint
 from conftest import ROOT, compose_config, tiny_overrides
 from data import DataError
-from test_train import assert_one_line_error, metrics, run_cli, train_losses
+from test_train import Crash, assert_one_line_error, crash_after_save, metrics, run_cli, train_losses
 from training.errors import TrainConfigError, TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -292,23 +292,6 @@ def test_full_disk_leaves_nothing_behind(corpus, tmp_path, monkeypatch):
 
 
 # ---- resume -----------------------------------------------------------------------------------------
-
-class Crash(Exception):
-    pass
-
-
-def crash_after_save(monkeypatch, at_step: int):
-    real_save = trainer.save_checkpoint
-
-    def save_then_crash(root, step, *args, **kw):
-        path = real_save(root, step, *args, **kw)
-        if step == at_step:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
-    return real_save
-
 
 def test_resume_restores_the_rng_and_tolerates_a_torn_metrics_line(corpus, data_cache, tmp_path, monkeypatch):
     """Training that draws from the global RNG between steps (as dropout would): exact only if the

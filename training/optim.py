@@ -2,6 +2,7 @@
 schedules."""
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -185,16 +186,41 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) 
     return Optimizers(opts)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine or WSD decay."""
+def lr_at(step: int, cfg: TrainConfig, steps: Optional[int] = None) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine or WSD decay over
+    `steps` (default train.max_steps; a time budget's fitted length, see steps_that_fit)."""
+    steps = steps or cfg.max_steps
     min_lr = cfg.lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "wsd":
-        decay_steps = max(1, int(cfg.max_steps * cfg.decay_fraction))
-        decay_start = cfg.max_steps - decay_steps
+        decay_steps = max(1, int(steps * cfg.decay_fraction))
+        decay_start = steps - decay_steps
         if step < decay_start:
             return cfg.lr
         return cfg.lr - (cfg.lr - min_lr) * min(1.0, (step - decay_start) / decay_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps))
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def steps_that_fit(step: int, seconds: float, step_s: float, eval_s: float, save_s: float, cfg: TrainConfig) -> int:
+    """The last step a run at `step` can reach in `seconds`, at most train.max_steps (and `step` itself if
+    no step fits): what is left of a time budget, spent on steps of `step_s` and on what train.py does after
+    this step and the later ones: an evaluation (`eval_s`) at each multiple of train.eval_every and after the
+    last step, and a save (`save_s`) after each evaluation (counted as if every one improved and saved `best`)
+    and at each multiple of train.save_every."""
+    def cost(last: int) -> float:
+        def multiples(every: int) -> int:  # of `every` in [step, last]: this step's own come after the fit
+            return last // every - (step - 1) // every
+        e, s = cfg.eval_every, cfg.save_every
+        evals = multiples(e) + (last % e != 0)
+        saves = multiples(e) + multiples(s) - multiples(math.lcm(e, s)) + (last % e != 0 and last % s != 0)
+        return (last - step) * step_s + evals * eval_s + saves * save_s
+
+    lo, hi = step, cfg.max_steps  # the cost grows with the last step: bisect for the largest that fits
+    if cost(hi) <= seconds:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(mid) <= seconds else (lo, mid)
+    return lo

@@ -8,12 +8,13 @@ uninterrupted one.
 """
 
 import contextlib
+import functools
 import math
 import os
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +33,7 @@ from .distributed import (fail_together, forward_is_collective, full_state, grad
                           load_full_state, mean_across_ranks, shutdown, sum_across_ranks, wrap_model)
 from .errors import TrainConfigError, TrainingError
 from .metrics import MetricsLogger, flops_per_token, peak_flops
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, lr_at, steps_that_fit
 from .resume import add_new_tokens, adopt_pretrained_config, check_later_checkpoints, check_resume_compatible
 from .rng import capture_rng_state, restore_rng_state
 from .run_dir import claim_out_dir, record_config
@@ -42,8 +43,13 @@ from .sample import sample_text
 def compile_for_training(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """train.compile=true: the model through torch.compile (Inductor), bitwise repeatable on CPU."""
     # Inductor's FX-graph and AOTAutograd caches (on by default) turn the next run's compilation into a load
-    # from disk: keep them beside the data cache, where `make clean` and .gitignore know them.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(".cache/torchinductor").resolve()))
+    # from disk: keep them beside the data cache, where `make clean` and .gitignore know them, unless the user
+    # chose a folder. Importing torch._dynamo (model/attention.py does) already wrote torch's default folder,
+    # /tmp/torchinductor_<user>, into the variable: that one is replaced too.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(".cache/torchinductor").resolve())
     if device.type == "cpu":
         # Inductor's CPU code for the embedding's backward adds each token's gradient row with atomics, in
         # whatever order the threads arrive: two runs of one command differed in the last bits after one step.
@@ -76,12 +82,36 @@ def compiles(cfg, device: torch.device, distributed: bool, flops_per_token: floa
     return seconds > COMPILE_PAYS_AFTER_S
 
 
+# A time budget fits the schedule at the end of the warmup, and no sooner than this step: the steps before
+# it are what it measures (Trainer.fit_schedule).
+FIT_AFTER_STEPS = 10
+
+
 @dataclass
 class Progress:
     """Where the run is; saved in every checkpoint's trainer_state.pt and restored on resume."""
     step: int = 0  # optimizer steps done
     best_val_loss: float = math.inf
     elapsed_s: float = 0.0  # training time before this process started (earlier, resumed-from runs)
+    schedule_steps: Optional[int] = None  # the LR schedule's length, once a time budget fitted it; else max_steps
+    eval_s: float = 0.0  # seconds the last evaluation took, and the last save before this one: the fit counts them
+    save_s: float = 0.0
+
+
+def timed(field: str):
+    """Method decorator: the call's seconds go to progress.<field> and to the trainer's paused_s (the time
+    outside the training steps, which Trainer.fit_schedule leaves out of a step's)."""
+    def decorate(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            started = time.time()
+            result = method(self, *args, **kwargs)
+            seconds = time.time() - started
+            setattr(self.progress, field, seconds)
+            self.paused_s += seconds
+            return result
+        return run
+    return decorate
 
 
 def check_val_split(val_batches, cfg, world_size: int) -> None:
@@ -158,6 +188,9 @@ class Trainer:
                              "kv_bytes_per_token": self.model_cfg.kv_cache_bytes_per_token()})
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         self.started = time.time()
+        self.paused_s = 0.0  # seconds this process spent evaluating and saving (see timed)
+        # fit_schedule's measurement starts here, (step, elapsed, paused_s), then after this process's first step
+        self._first_step, self._measured_from = self.progress.step + 1, (self.progress.step, self.elapsed(), 0.0)
         self._last_log = (self.progress.step, self.started)  # (step, time) of the last logged step
         self.logged_tok_s = []  # tokens/s of each logged step, for the summary
 
@@ -244,7 +277,7 @@ class Trainer:
         state = self._resume_state
         load_full_state(self.model, self.optimizer, ckpt.model_state, state["optimizer"])  # collective under FSDP
         restore_rng_state(state["rng"])
-        self.progress = Progress(state["step"], state["best_val_loss"], state["elapsed_s"])
+        self.progress = Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
         if self.info.is_main:
             print(f"resumed from {ckpt.dir} at step {self.progress.step}")
 
@@ -252,12 +285,57 @@ class Trainer:
         """Seconds of training in this run, resumed-from runs included."""
         return self.progress.elapsed_s + time.time() - self.started
 
+    @property
+    def max_steps(self) -> int:
+        """Where the run ends: train.max_steps, or the earlier step a time budget fitted the schedule to."""
+        return self.progress.schedule_steps or self.cfg.train.max_steps
+
+    @property
+    def fit_step(self) -> Optional[int]:
+        """The step after which fit_schedule fits the schedule to train.max_minutes: the end of the warmup (the
+        LR before it does not depend on the schedule's length), at least FIT_AFTER_STEPS. None: no fit to make
+        (no time budget, train.fit_schedule=false, fitted already, or max_steps comes first)."""
+        t = self.cfg.train
+        step = max(t.warmup_steps, FIT_AFTER_STEPS)
+        fits = t.max_minutes is not None and t.fit_schedule and self.progress.schedule_steps is None
+        return step if fits and self.progress.step <= step < t.max_steps else None
+
+    def times_costs(self) -> bool:
+        """Whether train.py evaluates and saves after this step, to time both for fit_schedule: after this
+        process's first step, if it fits the schedule later. (Not before the first step: a save then would
+        start the optimizer's state, which torch does with a step of zero gradients, and change the run.)"""
+        return self.fit_step is not None and self._first_step == self.progress.step < self.fit_step
+
+    def fit_schedule(self) -> Optional[str]:
+        """At fit_step: fix the schedule's length to the steps that fit in what is left of train.max_minutes
+        (training/optim.py, steps_that_fit), from the seconds per step measured since this process's first step
+        (the first one, which compiles, left out), evaluations and saves excluded, and the last evaluation's and
+        save's seconds (see times_costs). Called after every step; returns a line saying what it fitted, or
+        None. The length is kept in `progress`: a resumed run keeps it."""
+        if self.fit_step is None:
+            return None
+        step = self.progress.step
+        if step == self._first_step and step < self.fit_step:  # it compiles, or warms up: measure from its end
+            self._measured_from = (step, self.elapsed(), self.paused_s)
+        if step != self.fit_step:
+            return None
+        since, elapsed_then, paused_then = self._measured_from
+        t, now = self.cfg.train, self.elapsed()
+        # The same figures on every rank (each has its own clock), so that all fit the same length.
+        measured = torch.tensor([(now - elapsed_then - (self.paused_s - paused_then)) / (step - since),
+                                 self.progress.eval_s, self.progress.save_s, 60 * t.max_minutes - now],
+                                dtype=torch.float64, device=self.device)
+        step_s, eval_s, save_s, left = mean_across_ranks(measured, self.info).tolist()
+        self.progress.schedule_steps = steps_that_fit(step, left, step_s, eval_s, save_s, t)
+        return (f"train.max_minutes={t.max_minutes}: the LR schedule now ends at step {self.max_steps} (steps of "
+                f"{step_s:.2f} s, evaluations of {eval_s:.1f} s and saves of {save_s:.1f} s in the {left:.0f} s left)")
+
     def train_step(self) -> dict:
         """One optimizer step over the global batch of `progress.step`: returns the step's numbers."""
         cfg, step, micro = self.cfg.train, self.progress.step, self.cfg.train.grad_accum
         if self.threads is not None:  # fewer threads while other processes take cores (engine/threads.py)
             self.threads.update()
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, self.progress.schedule_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = self.batches.get_batch(step)
@@ -307,6 +385,7 @@ class Trainer:
                             f"({'last good checkpoint: ' + str(latest) if latest else 'no checkpoint was saved'}). "
                             "Lower train.lr or raise train.warmup_steps, then resume")
 
+    @timed("eval_s")
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss (and perplexity, bits per byte, a sample) at the current step; logged.
@@ -356,6 +435,7 @@ class Trainer:
         self.progress.best_val_loss = min(self.progress.best_val_loss, val_loss)
         return record
 
+    @timed("save_s")
     def save(self, best: bool = False) -> Path:
         """Checkpoint the current step (collective: every rank takes part; rank 0 writes)."""
         model_state, optim_state = full_state(self.model, self.optimizer)
@@ -398,7 +478,9 @@ class Trainer:
         n_train = self.data.meta[f"n_train_{unit}"]
         passes = steps * per_step / n_train
         passes = f"{passes:,.1f}" if passes >= 0.1 else f"{passes:.1g}"
-        budget = f" (or train.max_minutes={cfg.train.max_minutes}, if sooner)" if cfg.train.max_minutes else ""
+        budget = f" (or train.max_minutes={cfg.train.max_minutes}, if sooner" if cfg.train.max_minutes else ""
+        if budget:
+            budget += f": the LR schedule is fitted to it after step {self.fit_step})" if self.fit_step else ")"
         return (f"model: {cfg.model.attention}, {self.raw_model.num_params() / 1e6:.2f}M parameters, "
                 f"KV cache {self.model_cfg.kv_cache_bytes_per_token(size):,} bytes/token in {dtype} | "
                 f"device {self.device}{where}{compiled} | out_dir {self.out_dir}\n"
@@ -423,7 +505,8 @@ class Trainer:
 
     def finish(self, last_eval) -> dict:
         """The run's summary (to wandb and returned); closes the logger."""
-        summary = {"final_step": self.progress.step, "params": self.raw_model.num_params(),
+        summary = {"final_step": self.progress.step, "schedule_steps": self.max_steps,
+                   "params": self.raw_model.num_params(),
                    "kv_bytes_per_token": self.model_cfg.kv_cache_bytes_per_token(), "elapsed_s": self.elapsed()}
         if self.logged_tok_s:  # the median is robust to the steps that also evaluate or save
             summary["train_tokens_per_s"] = statistics.median(self.logged_tok_s)
