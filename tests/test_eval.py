@@ -239,9 +239,10 @@ def test_task_metrics_leave_what_training_owns_alone(models):
 
 # ---- bits per byte of a text file ---------------------------------------------------------------------
 
-def test_text_bits_per_byte_match_a_float64_reference(tmp_path):
+def test_text_bits_per_byte_match_a_float64_reference(tmp_path, capsys):
     """Consecutive windows of --seq_len tokens, each target scored once, nats over the UTF-8 bytes of the
-    scored tokens: recomputed here with a float64 copy of the model and a plain log-softmax."""
+    scored tokens: recomputed here with a float64 copy of the model and a plain log-softmax. The printed
+    line is the one README.md's evaluation section shows."""
     from checkpoint import load_model
 
     run = write_checkpoint(tmp_path / "run", "gqa", seed=1)
@@ -261,6 +262,9 @@ def test_text_bits_per_byte_match_a_float64_reference(tmp_path):
     n_bytes = len(tok.decode(ids[1:n + 1]).encode("utf-8"))
     assert (got["tokens"], got["bytes"], got["seq_len"]) == (n, n_bytes, T)
     assert got["bits_per_byte"] == pytest.approx(nats / (n_bytes * math.log(2)), rel=1e-6)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == (f"{text}: {got['bits_per_byte']:.4f} bits per byte ({nats / n:.4f} nats per token over {n:,} "
+                    f"tokens, {n_bytes:,} bytes, in windows of {T} tokens)")
 
 
 # ---- bad input: one line `error: ...`, exit code 2, nothing written ------------------------------------
