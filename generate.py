@@ -50,6 +50,7 @@ from pathlib import Path
 
 from engine.config import EngineConfig  # torch-free: --help stays fast
 
+
 class OneDefaultFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" to an option's help unless the help already says its default, or there is
     none worth printing (None: unset; a switch such as --compile or --no-cache: off unless given)."""

@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 
 from engine.config import EngineConfig  # torch-free: --help stays fast
+
 DRAIN_GRACE = 10.0  # seconds uvicorn waits past --drain-timeout for the ended requests' last bytes
 
 
