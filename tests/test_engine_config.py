@@ -17,8 +17,8 @@ EXCLUDED = {"generate.py": set(),
             "serve.py": {"use_cache"}}  # the online engine runs on the KV cache: full recompute is the offline reference
 
 # A value other than the default for each field, as typed on the command line and as the config holds it
-# (with --device cpu, so that --compile and --quantize int8 are valid on a machine with CUDA too).
-VALUES = {"device": ([], "cpu"), "dtype": (["--dtype", "bfloat16"], "bfloat16"),
+# (each parsed after --device cpu, so that --compile and --quantize int8 are valid on a machine with CUDA).
+VALUES = {"device": (["--device", "cpu"], "cpu"), "dtype": (["--dtype", "bfloat16"], "bfloat16"),
           "block_size": (["--block-size", "8"], 8), "num_blocks": (["--num-blocks", "20"], 20),
           "kv_cache_memory": (["--kv-cache-memory", "100000"], 100000), "max_num_seqs": (["--max-num-seqs", "3"], 3),
           "max_num_batched_tokens": (["--max-num-batched-tokens", "512"], 512),
@@ -41,7 +41,7 @@ def test_every_field_is_a_flag(script):
     done = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=60)
     helps = option_helps(done.stdout)
-    flags = {name: argv[0] if argv else "--device" for name, (argv, _) in VALUES.items()}
+    flags = {name: argv[0] for name, (argv, _) in VALUES.items()}
     missing = [flags[name] for name in VALUES if name not in EXCLUDED[script] and flags[name] not in helps]
     assert not missing, f"{script} --help lacks {missing}"
     assert all(flags[name] not in helps for name in EXCLUDED[script])
