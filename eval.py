@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from generate import InputError, OneLineErrorParser, check_device
+from generate import InputError, OneLineErrorParser
 
 
 def parse_args(argv=None):
@@ -183,6 +183,15 @@ def evaluate_text(args, device) -> None:
         write_json(args.output_path, {"text": args.text, **r})
 
 
+def eval_device(name: str):
+    from engine.config import check_device
+
+    try:
+        return check_device(name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from checkpoint import CheckpointError
@@ -191,7 +200,7 @@ def main(argv=None) -> int:
 
     try:
         check_args(args)
-        device = None if args.device == "auto" else check_device(args.device)
+        device = None if args.device == "auto" else eval_device(args.device)
         if args.tasks is not None:
             evaluate_tasks(args, device)
         else:

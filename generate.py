@@ -48,13 +48,15 @@ import sys
 import time
 from pathlib import Path
 
+from engine.config import EngineConfig  # torch-free: --help stays fast
+
 
 class OneDefaultFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" to an option's help unless the help already says its default, or there is
-    none worth printing (None: unset; False: a flag that is off)."""
+    none worth printing (None: unset; a switch such as --compile or --no-cache: off unless given)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
+        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -85,20 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None,
                    help="request r uses a seed derived from (seed, r) (default: one is drawn at random and printed)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (they share the prompt's KV)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV budget in blocks (default: from free memory)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, one sample)")
-    p.add_argument("--no-cache", action="store_true", help="decode by full recompute (the slow reference)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="CPU: int8 weights with per-channel scales for every linear layer (engine/quantize.py)")
-    p.add_argument("--compile", action="store_true",
-                   help="CPU: torch.compile the PyTorch decode step, the one MLA models use (a one-off compilation "
-                        "in the warm-up: 1-2 min, 20-40 s once Inductor's disk cache has it; needs a C++ "
-                        "compiler); MHA/GQA/MQA models otherwise decode through the faster C++ step")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     p.add_argument("--chat", action="store_true", help="chat at the terminal with the checkpoint's chat template")
     p.add_argument("--system", default=None, help="--chat: a system message that opens the conversation")
+    EngineConfig.add_cli_args(p)
     return p.parse_args(argv)
 
 
@@ -147,34 +140,21 @@ def read_prompts(args) -> list[str]:
     return prompts if prompts else ["\n"]
 
 
-def check_args(args) -> None:
-    if args.block_size < 1:
-        raise InputError(f"--block-size must be >= 1, got {args.block_size}")
-    if args.num_blocks is not None and args.num_blocks < 1:
-        raise InputError(f"--num-blocks must be >= 1, got {args.num_blocks}")
+def check_args(args) -> EngineConfig:
+    """The engine's options from the flags, once everything that can be checked without loading is."""
     if args.num_samples < 1:
         raise InputError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.stream and args.json:
         raise InputError("--stream and --json do not go together")
-    if args.compile and args.no_cache:
-        raise InputError("--compile compiles the cached decode step: drop --no-cache")
+    return engine_config(args)
 
 
-def check_device(name: str):
-    import torch
-
+def engine_config(args) -> EngineConfig:
+    """EngineConfig.from_cli_args, its ValueError as a one-line InputError (generate.py, serve.py)."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown --device '{name}': use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-    elif device.type != "cpu":
-        raise InputError(f"--device {name}: only cpu and cuda are supported")
-    return device
+        return EngineConfig.from_cli_args(args)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def sampling_params(args, n_prompts: int):
@@ -193,29 +173,22 @@ def sampling_params(args, n_prompts: int):
         raise InputError(str(e)) from None
 
 
-def load_llm(args):
+def load_llm(args, config: EngineConfig):
     """The LLM for the command line, and the seconds its loading took (the checkpoint, and the C++
     kernels: built on first use, loaded on every run)."""
-    import torch
-
     from checkpoint import CheckpointError
     from engine import LLM
 
-    device = None if args.device == "auto" else check_device(args.device)
-    if args.compile and (device.type == "cuda" if device is not None else torch.cuda.is_available()):
-        raise InputError("--compile is for CPU decoding (CUDA decodes with the Triton paged kernel): "
-                         "drop it or add --device cpu")
     t0 = time.perf_counter()
     try:
-        llm = LLM(args.ckpt, device=device, block_size=args.block_size, num_blocks=args.num_blocks,
-                  use_cache=not args.no_cache, compile=args.compile, quantize=args.quantize)
+        llm = LLM(args.ckpt, config=config)
     except (CheckpointError, ValueError) as e:
         raise InputError(str(e)) from None
     return llm, time.perf_counter() - t0
 
 
 def run(args) -> int:
-    check_args(args)
+    config = check_args(args)
     prompts = read_prompts(args)
     if args.stream and (len(prompts) > 1 or args.num_samples > 1):
         raise InputError("--stream prints one generation: give a single prompt and --num-samples 1")
@@ -223,7 +196,7 @@ def run(args) -> int:
     from engine.text import TextStream
 
     seed, params = sampling_params(args, len(prompts))
-    llm, load_s = load_llm(args)
+    llm, load_s = load_llm(args, config)
     try:
         prompt_ids = llm.encode_prompts(prompts)
     except ValueError as e:
@@ -277,7 +250,7 @@ def stats_dict(stats, args, load_s: float, warmup_s: float) -> dict:
         "cow_copies": stats.cow_copies,
         "prefill_tokens": stats.prefill_tokens,
         "decode_tokens": stats.decode_tokens,
-        "cache": not args.no_cache,
+        "cache": args.use_cache,
         "load_s": round(load_s, 2),
         "warmup_s": round(warmup_s, 2),
     }
@@ -310,7 +283,7 @@ def _write(text: str) -> None:
 def check_chat_args(args) -> None:
     """--chat reads its messages at the terminal and answers one at a time; --system belongs to it."""
     given = (("--prompt", args.prompt), ("--prompt-file", args.prompt_file), ("--json", args.json),
-             ("--num-samples", args.num_samples > 1), ("--no-cache", args.no_cache))
+             ("--num-samples", args.num_samples > 1), ("--no-cache", not args.use_cache))
     clash = [name for name, on in given if on]
     if args.chat and clash:
         raise InputError(f"--chat reads its messages from the terminal, one reply at a time: drop {clash[0]}")
@@ -327,7 +300,7 @@ def chat(args) -> int:
     from data.chat import PLAIN_STOP, end_of_turn_id
 
     seed, (params,) = sampling_params(args, 1)
-    llm, _ = load_llm(args)
+    llm, _ = load_llm(args, engine_config(args))
     template = load_chat_template(args.ckpt)
     end = end_of_turn_id(llm.tokenizer) if template else None
     params = replace(params, stop=params.stop + ([] if template else [PLAIN_STOP]),

@@ -3,6 +3,9 @@
     python serve.py --ckpt runs/a [--host 127.0.0.1] [--port 8000] [--max-num-seqs 64] [--num-blocks N]
                     [--max-queue 256] [--compile] [--quantize int8] [--served-model-name NAME]
 
+The engine's flags (--device, --block-size, --num-blocks, --max-num-seqs, --quantize, ...) are
+EngineConfig's fields (engine/config.py), shared with generate.py.
+
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true for server-sent
 events), GET /v1/models, GET /health, GET /metrics (Prometheus), GET / (the playground,
 static/index.html). The app is server/app.py; the engine runs in its own thread
@@ -36,6 +39,8 @@ import re
 import sys
 from pathlib import Path
 
+from engine.config import EngineConfig  # torch-free: --help stays fast
+
 DRAIN_GRACE = 10.0  # seconds uvicorn waits past --drain-timeout for the ended requests' last bytes
 
 
@@ -64,45 +69,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as 'model' (default: the run folder's name, e.g. 2026-12-07_16-37-37)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="samples decoded together at most")
     p.add_argument("--max-queue", type=int, default=256,
                    help="samples waiting beyond max-num-seqs before new requests get 429")
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="larger request bodies get 413 (default: 4 MiB)")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV budget in blocks (default: from free memory)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--compile", action="store_true", help="CPU: torch.compile the decode step (see generate.py)")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="CPU: int8 weights (see generate.py)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish before they are ended")
+    EngineConfig.add_cli_args(p, exclude=("use_cache",))  # the online engine runs on the KV cache
     return p.parse_args(argv)
 
 
-def check_args(args) -> None:
-    from generate import InputError
+def check_args(args) -> EngineConfig:
+    """The engine's options from the flags, once the server's own are checked."""
+    from generate import InputError, engine_config
 
-    for name in ("max_num_seqs", "block_size", "num_blocks", "max_body_bytes"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
+        raise InputError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     for name in ("max_queue", "drain_timeout"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    return engine_config(args)
 
 
-def load(args):
-    """(the app's state, its app) for the command line's checkpoint and limits."""
-    from generate import InputError, check_device
+def load(args, config: EngineConfig):
+    """(the app's state, its app) for the command line's checkpoint, engine options and limits."""
+    from generate import InputError
 
     from checkpoint import CheckpointError, load_chat_template
     from engine import LLM
     from server.app import MAX_BODY_BYTES, Server, create_app
 
-    device = None if args.device == "auto" else check_device(args.device)
     try:
-        llm = LLM(args.ckpt, device=device, block_size=args.block_size, num_blocks=args.num_blocks,
-                  max_num_seqs=args.max_num_seqs, compile=args.compile, quantize=args.quantize)
+        llm = LLM(args.ckpt, config=config)
         template = load_chat_template(args.ckpt)
         name = args.served_model_name or default_model_name(args.ckpt)
     except (CheckpointError, ValueError) as e:
@@ -116,8 +114,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        check_args(args)
-        state, app = load(args)
+        state, app = load(args, check_args(args))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

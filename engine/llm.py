@@ -33,6 +33,7 @@ from data.config import EOT
 from model import ModelConfig, Transformer
 
 from .block_manager import BlockManager
+from .config import EngineConfig
 from .core import EngineCore, GenerationStats, Request, check_prompt, fork_samples, new_request, stop_checker
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
@@ -76,10 +77,6 @@ class RequestOutput:
 _SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as train.py prints them
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -92,95 +89,64 @@ def _available_memory(device: torch.device) -> int:
 
 class LLM:
     def __init__(self, ckpt=None, *, model: Optional[Transformer] = None, tokenizer=None,
-                 eos_token_id: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
-                 block_size: int = 16, num_blocks: Optional[int] = None, kv_cache_memory: Optional[int] = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None,
-                 enable_prefix_caching: bool = True, use_cache: bool = True, compile: bool = False,
-                 paged_kernel: bool = True, quantize: Optional[str] = None, adaptive_threads: bool = True,
-                 cpp_decode: bool = True):
+                 eos_token_id: Optional[int] = None, config: Optional[EngineConfig] = None, **options):
         """ckpt: a run folder, its checkpoints/ folder or one checkpoint folder; or pass `model` (and
         optionally `tokenizer`, `eos_token_id`) directly: the LLM then uses that module for inference
         (in eval mode; on CPU the cached path runs a copy, taken here, whose linear weights are stored
         column-major, and the C++ decode step packs another, see engine/decode.py: make a new LLM
         after changing the weights).
 
-        num_blocks is the KV budget in blocks; None sizes it to hold max_num_seqs full-context
-        sequences, capped by kv_cache_memory bytes (default: 30% of the free memory on the device).
-        max_num_seqs caps the running batch, max_num_batched_tokens the new tokens of a prefill step.
-        use_cache=False decodes by full recompute (the reference). compile=True compiles the CPU decode
-        step with torch.compile (a one-off compilation, in warmup() or the first steps: 80-120 s for
-        one sequence's three graphs with a cold Inductor cache, 22-35 s once that cache on disk has
-        them, measured on the README's 2-core CPU at load 7-12; batches add two graphs; needs a C++
-        compiler; sets two global compiler options, see engine/decode.py; the compiled step
-        holds the weights as constants, so make a new LLM after changing them): on the 2-core CPU of the
-        README, 1.6-2x the eager PyTorch step's decode tokens/s at batch 1 and 16; it replaces the C++
-        step (cpp_decode below), which was faster again at batch 1 (measured side by side on a busy
-        machine: 270 tokens/s against 185 compiled and 113 eager). paged_kernel=False decodes
-        through the PyTorch gather path instead of the paged-attention kernel (Triton on CUDA; on CPU a
-        C++ kernel, built on first use in about 15 s: see kernels/paged_attention_cpu.py).
-        quantize="int8" (CPU) runs every linear layer with int8 weights and per-channel scales
-        (engine/quantize.py; a copy, the caller's model is unchanged), on both the cached and the
-        full-recompute path. adaptive_threads (CPU): before each step, lower torch's thread count
-        (process-wide) to the cores other processes leave free among those it may run on (its affinity
-        set, and a cgroup CPU quota), never above the count torch had when
-        the LLM was made (engine/threads.py: with one core busy, 2 threads decoded 3-4x slower than 1).
-        cpp_decode (CPU, MHA/GQA/MQA, fp32 or int8, with the paged kernel, without compile): each decode
-        step is one C++ call for the whole forward (engine/decode.py, kernels/decode_step_cpu.py;
-        built on first use like the other kernels), the same numbers as the PyTorch step; a model it
-        does not implement keeps the PyTorch step, with a one-line warning; cpp_decode=False keeps it
-        without one."""
-        self.device = torch.device(device) if device is not None else _default_device()
-        if dtype is None:
-            dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        The engine's options (device, dtype, KV cache sizes, batch limits, decode paths): `config`, an
+        EngineConfig (engine/config.py, which says what each does), or its fields as keywords, a
+        shorthand for config=EngineConfig(**options)."""
+        if config is not None and options:
+            raise ValueError(f"give the engine options in config or as keywords, not both (got {sorted(options)})")
+        self.config = c = config if config is not None else EngineConfig(**options)
+        c.validate()  # again: a config can have been changed since it was made
+        self.device, self.dtype = c.torch_device(), c.torch_dtype()
+        self.model, self.tokenizer, self.eos_token_id = self._load(ckpt, model, tokenizer, eos_token_id)
+        self.cfg: ModelConfig = self.model.cfg
+        self.max_num_batched_tokens = c.max_num_batched_tokens or max(4096, self.cfg.max_seq_len)
+        self.stats = GenerationStats()  # of the last generate() call
+        self.core: Optional[EngineCore] = None
+        self.num_blocks, self.cache, self.block_manager = 0, None, None
+        if c.use_cache:
+            self._start_engine()
+
+    def _load(self, ckpt, model, tokenizer, eos_token_id) -> tuple[Transformer, object, Optional[int]]:
+        """(model, tokenizer, end-of-text id) from the checkpoint or the caller, int8 with quantize."""
         if ckpt is not None:
-            model, tokenizer, eos = load_model(ckpt, self.device, dtype)
+            model, tokenizer, eos = load_model(ckpt, self.device, self.dtype)
             eos_token_id = eos if eos_token_id is None else eos_token_id
         elif model is None:
             raise ValueError("LLM needs a checkpoint path or a model")
         else:
-            model = model.to(device=self.device, dtype=dtype).eval()
+            model = model.to(device=self.device, dtype=self.dtype).eval()
             if eos_token_id is None and tokenizer is not None:
                 eos_token_id = tokenizer.token_to_id(EOT)
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if num_blocks is not None and num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if quantize not in (None, "int8"):
-            raise ValueError(f"unknown quantize '{quantize}': choose int8 or leave it unset")
-        if quantize and (self.device.type != "cpu" or dtype != torch.float32):
-            raise ValueError("quantize='int8' is for float32 decoding on CPU (its kernel is a CPU kernel)")
-        if quantize:
-            model = quantize_int8(model)
-        self.quantize = quantize
-        self.model, self.tokenizer, self.eos_token_id = model, tokenizer, eos_token_id
-        self.cfg: ModelConfig = model.cfg
-        self.dtype, self.use_cache = dtype, use_cache
-        self.block_size, self.max_num_seqs = block_size, max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens or max(4096, self.cfg.max_seq_len)
-        self.enable_prefix_caching = enable_prefix_caching
-        self.stats = GenerationStats()  # of the last generate() call
-        self.core: Optional[EngineCore] = None
-        if not use_cache:
-            self.num_blocks, self.cache, self.block_manager = 0, None, None
-            return
-        per_block = PagedKVCache.bytes_per_block(self.cfg, block_size, dtype)
+        return quantize_int8(model) if self.config.quantize else model, tokenizer, eos_token_id
+
+    def _start_engine(self) -> None:
+        """The paged KV cache (num_blocks None: room for max_num_seqs full-context sequences, capped by
+        kv_cache_memory or 30% of the free memory), its block manager, the runner and the core."""
+        c, block_size = self.config, self.config.block_size
+        num_blocks = c.num_blocks
         if num_blocks is None:
-            want = max_num_seqs * -(-self.cfg.max_seq_len // block_size)
-            budget = kv_cache_memory if kv_cache_memory is not None else int(0.3 * _available_memory(self.device))
+            per_block = PagedKVCache.bytes_per_block(self.cfg, block_size, self.dtype)
+            want = c.max_num_seqs * -(-self.cfg.max_seq_len // block_size)
+            budget = c.kv_cache_memory if c.kv_cache_memory is not None else int(0.3 * _available_memory(self.device))
             num_blocks = max(1, min(want, budget // per_block))
         self.num_blocks = num_blocks
-        self.cache = PagedKVCache(self.cfg, num_blocks, block_size, dtype, self.device, paged_kernel)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.cache, compile=compile, column_major=self.device.type == "cpu",
-                                  cpp_decode=cpp_decode)
+        self.cache = PagedKVCache(self.cfg, num_blocks, block_size, self.dtype, self.device, c.paged_kernel)
+        self.block_manager = BlockManager(num_blocks, block_size, c.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, self.cache, compile=c.compile, column_major=self.device.type == "cpu",
+                                  cpp_decode=c.cpp_decode)
         self.model = self.runner.model  # on CPU a copy with column-major linear weights
         self.core = EngineCore(self.runner, self.cache, self.block_manager, max_seq_len=self.cfg.max_seq_len,
-                               vocab_size=self.cfg.vocab_size, max_num_seqs=max_num_seqs,
-                               max_num_batched_tokens=self.max_num_batched_tokens, eos_token_id=eos_token_id,
-                               tokenizer=tokenizer, stats=self._static_stats(),
-                               adaptive_threads=adaptive_threads and self.device.type == "cpu")
+                               vocab_size=self.cfg.vocab_size, max_num_seqs=c.max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens, eos_token_id=self.eos_token_id,
+                               tokenizer=self.tokenizer, stats=self._static_stats(),
+                               adaptive_threads=c.adaptive_threads and self.device.type == "cpu")
 
     # ---- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: Union[str, list[int]], index: int = 0) -> list[int]:
@@ -232,7 +198,7 @@ class LLM:
             from tqdm import tqdm
             bar = tqdm(total=sum(p.n for p in params), desc="generate", unit="seq")
         try:
-            if self.use_cache:
+            if self.config.use_cache:
                 requests = self._generate_cached(prompt_ids, params, bar, on_token)
             else:
                 requests = self._generate_no_cache(prompt_ids, params, bar, on_token)
@@ -249,7 +215,7 @@ class LLM:
         greedy request takes a prefill and two decode steps; seeded, they leave torch's RNG alone.
         Returns the seconds taken (self.stats is then the warm-up's)."""
         t0 = time.perf_counter()
-        short, long = [0], [0] * min(self.block_size + 1, self.cfg.max_seq_len - 1)
+        short, long = [0], [0] * min(self.config.block_size + 1, self.cfg.max_seq_len - 1)
         greedy = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True, seed=0)
         for batch in (1, 2) if max_batch > 1 else (1,):
             for prompt in (short, long):
@@ -266,7 +232,7 @@ class LLM:
             full = c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim) + c.n_heads * c.v_head_dim
         else:
             full = 2 * c.n_heads * c.head_dim
-        return GenerationStats(block_size=self.block_size, num_blocks=self.num_blocks,
+        return GenerationStats(block_size=self.config.block_size, num_blocks=self.num_blocks,
                                kv_bytes_per_token=c.kv_cache_bytes_per_token(size),
                                kv_bytes_per_token_full_kv=full * c.n_layers * size,
                                kv_dtype=_SHORT_DTYPE.get(self.dtype, str(self.dtype).removeprefix("torch.")),

@@ -51,7 +51,7 @@ SEED = 1234  # the harness's default seed
 
 
 class EngineLM(TemplateLM):
-    """The harness's model interface on an LLM (see the module docstring); its batch is llm.max_num_seqs."""
+    """The harness's model interface on an LLM (see the module docstring); its batch is llm.config.max_num_seqs."""
 
     def __init__(self, llm: LLM, max_gen_toks: int = 256):
         super().__init__()
@@ -80,7 +80,7 @@ class EngineLM(TemplateLM):
         results = [None] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
             # Half the KV cache keeps the contexts of a wave for the next one, which runs in the other half.
-            for wave in context_waves(prompts, starts, self.llm.block_size, self.llm.num_blocks // 2):
+            for wave in context_waves(prompts, starts, self.llm.config.block_size, self.llm.num_blocks // 2):
                 params = [SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=1,
                                          prompt_logprobs_start=starts[i], seed=0) for i in wave]
                 for i, out in zip(wave, self.llm.generate([prompts[i] for i in wave], params)):
@@ -206,7 +206,7 @@ def load_tasks(names: list[str], include_path: Optional[str] = None) -> tuple[Ta
 def run_tasks(lm: EngineLM, manager: TaskManager, tasks: list, limit: Optional[float] = None, **options) -> dict:
     """The harness's evaluation of `tasks` (from load_tasks) with `lm`: its results dict. options: the
     harness's simple_evaluate's (log_samples, bootstrap_iters, the seeds it sets, ...)."""
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, batch_size=lm.llm.max_num_seqs,
+    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, batch_size=lm.llm.config.max_num_seqs,
                            **options)
 
 

@@ -29,15 +29,10 @@ from kernels._triton_loader import load_kernel_module
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
-# Device helpers (inlined into the kernels when compiled). The interpreter re-patches all of
-# triton.language on every call of a jitted helper, which slowed the tests a lot; run as
-# plain Python inside an interpreted kernel, where the language is already patched, they
-# behave identically.
-helper = (lambda fn: fn) if INTERPRET else triton.jit
-
-# log2(e) and the tl.reduce combine functions, built in this module's mode (see _triton_common.py).
+# log2(e), the tl.reduce combine functions and the decorator of device helpers, built in this
+# module's mode (see _triton_common.py).
 _common = load_kernel_module("_triton_common", INTERPRET)
-LOG2E, _max_combine, _sum_combine = _common.LOG2E, _common.max_combine, _common.sum_combine
+LOG2E, _max_combine, _sum_combine, helper = _common.LOG2E, _common.max_combine, _common.sum_combine, _common.helper
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): converts base-2 log-sum-exp back
 
 
@@ -343,6 +338,44 @@ def _bwd_dkdv_inner(dk, dk2, dv, k, k2, v, Q_head, DO_head, LSE_head, DELTA_head
     return dk, dk2, dv
 
 
+@helper
+def _bwd_dkdv_head(dk, dk2, dv, k, k2, v, Q_head, DO_head, LSE_head, DELTA_head,
+                   stride_qm, stride_qd, stride_dom, stride_dod, start_n, N_CTX, qk_scale,
+                   keys, offs_m, offs_dqk, offs_dqk2, offs_dv,
+                   D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DQK2: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of the key tile at start_n over all query tiles of one query head, each
+    region of the query range with only the masks it needs."""
+    full_end = (N_CTX // BLOCK_M) * BLOCK_M  # query tiles before this are whole
+    if CAUSAL:
+        # Queries [start_n, start_n + BLOCK_N) cross the diagonal of this key tile: masked.
+        # Queries before start_n see none of these keys and are skipped entirely.
+        dk, dk2, dv = _bwd_dkdv_inner(dk, dk2, dv, k, k2, v, Q_head, DO_head, LSE_head, DELTA_head,
+                                      stride_qm, stride_qd, stride_dom, stride_dod,
+                                      start_n, tl.minimum(start_n + BLOCK_N, N_CTX), N_CTX, qk_scale,
+                                      keys, offs_m, offs_dqk, offs_dqk2, offs_dv,
+                                      D_QK, D_V, BLOCK_DQK, BLOCK_DQK2, BLOCK_DV, BLOCK_M, True, CAUSAL,
+                                      UPCAST, DOT_PRECISION)
+        full_lo = start_n + BLOCK_N
+    else:
+        full_lo = 0
+    # Whole query tiles below the diagonal: no mask.
+    dk, dk2, dv = _bwd_dkdv_inner(dk, dk2, dv, k, k2, v, Q_head, DO_head, LSE_head, DELTA_head,
+                                  stride_qm, stride_qd, stride_dom, stride_dod,
+                                  full_lo, full_end, N_CTX, qk_scale,
+                                  keys, offs_m, offs_dqk, offs_dqk2, offs_dv,
+                                  D_QK, D_V, BLOCK_DQK, BLOCK_DQK2, BLOCK_DV, BLOCK_M, False, CAUSAL,
+                                  UPCAST, DOT_PRECISION)
+    # The ragged query tail (if any): row mask.
+    return _bwd_dkdv_inner(dk, dk2, dv, k, k2, v, Q_head, DO_head, LSE_head, DELTA_head,
+                           stride_qm, stride_qd, stride_dom, stride_dod,
+                           tl.maximum(full_lo, full_end), N_CTX, N_CTX, qk_scale,
+                           keys, offs_m, offs_dqk, offs_dqk2, offs_dv,
+                           D_QK, D_V, BLOCK_DQK, BLOCK_DQK2, BLOCK_DV, BLOCK_M, True, CAUSAL,
+                           UPCAST, DOT_PRECISION)
+
+
 @triton.autotune(configs=_configs((16, 32, 64), (64, 128), (4, 8), (2, 3), (32, 64)),
                  key=_KEY, prune_configs_by={"early_config_prune": _prune("N")})
 @triton.jit
@@ -381,40 +414,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
     if BLOCK_DQK2 > 0:
         dk2 = tl.full([BLOCK_N, BLOCK_DQK2], 0.0, dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
-    full_end = (N_CTX // BLOCK_M) * BLOCK_M  # query tiles before this are whole
-
     for g in range(0, GROUP):
         h = kv_h * GROUP + g
-        Q_head = Q + b * stride_qb + h * stride_qh
-        DO_head = DO + b * stride_dob + h * stride_doh
-        LSE_head = LSE + b * stride_lb + h * stride_lh
-        DELTA_head = DELTA + b * stride_lb + h * stride_lh  # same [B, Hq, N] layout as LSE
-        if CAUSAL:
-            # Queries [start_n, start_n + BLOCK_N) cross the diagonal of this key tile: masked.
-            # Queries before start_n see none of these keys and are skipped entirely.
-            dk, dk2, dv = _bwd_dkdv_inner(dk, dk2, dv, k, k2, v, Q_head, DO_head, LSE_head, DELTA_head,
-                                          stride_qm, stride_qd, stride_dom, stride_dod,
-                                          start_n, tl.minimum(start_n + BLOCK_N, N_CTX), N_CTX, qk_scale,
-                                          keys, offs_m, offs_dqk, offs_dqk2, offs_dv,
-                                          D_QK, D_V, BLOCK_DQK, BLOCK_DQK2, BLOCK_DV, BLOCK_M, True, CAUSAL,
-                                          UPCAST, DOT_PRECISION)
-            full_lo = start_n + BLOCK_N
-        else:
-            full_lo = 0
-        # Whole query tiles below the diagonal: no mask.
-        dk, dk2, dv = _bwd_dkdv_inner(dk, dk2, dv, k, k2, v, Q_head, DO_head, LSE_head, DELTA_head,
-                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                      full_lo, full_end, N_CTX, qk_scale,
-                                      keys, offs_m, offs_dqk, offs_dqk2, offs_dv,
-                                      D_QK, D_V, BLOCK_DQK, BLOCK_DQK2, BLOCK_DV, BLOCK_M, False, CAUSAL,
-                                      UPCAST, DOT_PRECISION)
-        # The ragged query tail (if any): row mask.
-        dk, dk2, dv = _bwd_dkdv_inner(dk, dk2, dv, k, k2, v, Q_head, DO_head, LSE_head, DELTA_head,
-                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                      tl.maximum(full_lo, full_end), N_CTX, N_CTX, qk_scale,
-                                      keys, offs_m, offs_dqk, offs_dqk2, offs_dv,
-                                      D_QK, D_V, BLOCK_DQK, BLOCK_DQK2, BLOCK_DV, BLOCK_M, True, CAUSAL,
-                                      UPCAST, DOT_PRECISION)
+        dk, dk2, dv = _bwd_dkdv_head(dk, dk2, dv, k, k2, v, Q + b * stride_qb + h * stride_qh,
+                                     DO + b * stride_dob + h * stride_doh, LSE + b * stride_lb + h * stride_lh,
+                                     DELTA + b * stride_lb + h * stride_lh,  # same [B, Hq, N] layout as LSE
+                                     stride_qm, stride_qd, stride_dom, stride_dod, start_n, N_CTX, qk_scale,
+                                     keys, offs_m, offs_dqk, offs_dqk2, offs_dv, D_QK, D_V, BLOCK_DQK, BLOCK_DQK2,
+                                     BLOCK_DV, BLOCK_M, BLOCK_N, CAUSAL, UPCAST, DOT_PRECISION)
 
     DK_rows = DK + b * stride_dkb + kv_h * stride_dkh + key_rows * stride_dkn
     _store_tile(DK_rows + offs_dqk[None, :] * stride_dkd, dk * sm_scale, keys, offs_dqk, N_CTX, D_QK,

@@ -22,9 +22,10 @@ from kernels._triton_loader import load_kernel_module
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
-# log2(e) and the tl.reduce combine functions, built in this module's mode (see _triton_common.py).
+# log2(e), the tl.reduce combine functions and the decorator of device helpers, built in this
+# module's mode (see _triton_common.py).
 _common = load_kernel_module("_triton_common", INTERPRET)
-LOG2E, _max_combine, _sum_combine = _common.LOG2E, _common.max_combine, _common.sum_combine
+LOG2E, _max_combine, _sum_combine, helper = _common.LOG2E, _common.max_combine, _common.sum_combine, _common.helper
 
 
 def _configs():
@@ -36,6 +37,38 @@ def _configs():
         for w in (2, 4, 8)
         for s in (1, 2, 3)
     ]
+
+
+@helper
+def _load_kv_tile(K_head, V_head, table, tok, t_mask, offs_dqk, offs_dv, stride_btj,
+                  stride_kp, stride_kt, stride_kd, stride_vp, stride_vt, stride_vd,
+                  D_QK: tl.constexpr, D_V: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+    """(K^T [D_QK, tokens], V [tokens, D_V]) of the tokens `tok` of one sequence and kv head, each
+    position read from the page its block table names (masked positions read as 0)."""
+    # Only table entries of real tokens are read: padded entries may hold anything.
+    page = tl.load(table + (tok // PAGE_SIZE) * stride_btj, mask=t_mask, other=0).to(tl.int64)
+    slot = tok % PAGE_SIZE
+    kT_ptrs = K_head + page[None, :] * stride_kp + slot[None, :] * stride_kt + offs_dqk[:, None] * stride_kd
+    kT = tl.load(kT_ptrs, mask=t_mask[None, :] & (offs_dqk[:, None] < D_QK), other=0.0)
+    v_ptrs = V_head + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_dv[None, :] * stride_vd
+    # Latent mode: these are the same bytes as kT's first D_V rows, an L1/L2 hit.
+    v = tl.load(v_ptrs, mask=t_mask[:, None] & (offs_dv[None, :] < D_V), other=0.0)
+    if UPCAST:  # interpreter only: its bf16 arithmetic is wrong, so compute in fp32
+        kT = kT.to(tl.float32)
+        v = v.to(tl.float32)
+    return kT, v
+
+
+@helper
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of base-2 scores s [rows, tokens] and its values v [tokens, D_V] into the running
+    row max m_i, normaliser l_i and unnormalised output acc; returns the three updated."""
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+    alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 # SPLIT_BUCKET (a power of two >= SPLIT_LEN), not SPLIT_LEN: the split length changes every 64
@@ -86,25 +119,12 @@ def _paged_decode(Q, K, V, BLOCK_TABLES, CONTEXT_LENS, O, O_PART, LSE_PART, sm_s
     for t0 in range(start, end, BLOCK_N):
         tok = t0 + offs_n
         t_mask = tok < end
-        # Only table entries of real tokens are read: padded entries may hold anything.
-        page = tl.load(table + (tok // PAGE_SIZE) * stride_btj, mask=t_mask, other=0).to(tl.int64)
-        slot = tok % PAGE_SIZE
-        kT_ptrs = K_head + page[None, :] * stride_kp + slot[None, :] * stride_kt + offs_dqk[:, None] * stride_kd
-        kT = tl.load(kT_ptrs, mask=t_mask[None, :] & (offs_dqk[:, None] < D_QK), other=0.0)
-        v_ptrs = V_head + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_dv[None, :] * stride_vd
-        # Latent mode: these are the same bytes as kT's first D_V rows, an L1/L2 hit.
-        v = tl.load(v_ptrs, mask=t_mask[:, None] & (offs_dv[None, :] < D_V), other=0.0)
-        if UPCAST:
-            kT = kT.to(tl.float32)
-            v = v.to(tl.float32)
+        kT, v = _load_kv_tile(K_head, V_head, table, tok, t_mask, offs_dqk, offs_dv, stride_btj,
+                              stride_kp, stride_kt, stride_kd, stride_vp, stride_vt, stride_vd,
+                              D_QK, D_V, PAGE_SIZE, UPCAST)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], base 2
         s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     # An empty split (or context length 0) has l = 0: output 0 and lse = -inf, never NaN.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

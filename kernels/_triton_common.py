@@ -13,6 +13,12 @@ import triton.language as tl
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
+# Device helpers (inlined into the kernels when compiled). The interpreter re-patches all of
+# triton.language on every call of a jitted helper, which slowed the tests a lot; run as
+# plain Python inside an interpreted kernel, where the language is already patched, they
+# behave identically.
+helper = (lambda fn: fn) if INTERPRET else triton.jit
+
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): converts natural-log scores to base 2
 
 if INTERPRET:

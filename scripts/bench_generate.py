@@ -156,7 +156,7 @@ def mixed_workload(attention: str, block_size: int, paged_kernel: bool, seed: in
             "decode_tok_s": round(s.decode_tokens_per_s, 1), "wall_s": round(time.perf_counter() - t0, 2)}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--attention", nargs="+", default=["gqa"], choices=["mha", "gqa", "mqa", "mla"])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64])
@@ -180,7 +180,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fixed-threads", action="store_true",
                     help="keep torch's thread count fixed (LLM(adaptive_threads=False)): what --busy costs without it")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.busy:
         spin_one_core()
     if args.threads:

@@ -47,7 +47,7 @@ class Server:
         self.chat_stops, self.chat_stop_ids = reply_ends(chat_template, llm.tokenizer)
         self.engine = AsyncEngine(llm.core)
         self.ctx = llm.cfg.max_seq_len
-        self.capacity = llm.max_num_seqs + max_queue
+        self.capacity = llm.config.max_num_seqs + max_queue
         self.admitted = 0
         Gauge("smallllm_samples_admitted", "Samples of the requests being answered (at most --max-num-seqs + "
               "--max-queue).", registry=self.engine.metrics.registry).set_function(lambda: self.admitted)
@@ -64,7 +64,7 @@ class Server:
             raise APIError(503, self.engine.stopped or "the engine is not running")
         if samples > self.capacity:
             raise APIError(400, f"this request asks for {samples} samples (prompts x n) but the server holds at "
-                                f"most {self.capacity} at once (--max-num-seqs {self.llm.max_num_seqs} + --max-queue "
+                                f"most {self.capacity} at once (--max-num-seqs {self.llm.config.max_num_seqs} + --max-queue "
                                 f"{self.max_queue}): lower n or send fewer prompts", param="n")
         if self.admitted + samples > self.capacity:
             raise APIError(429, f"the server is at capacity ({self.admitted} of {self.capacity} samples running or "
