@@ -363,7 +363,7 @@ def budget_overrides(corpus, data_cache, out_dir) -> list[str]:
     """A 33-second budget on the fake clock; the step budget far beyond it, as for a time-budgeted run."""
     return tiny_overrides(corpus, data_cache, out_dir) + [
         "train.max_steps=100000", f"train.max_minutes={BUDGET_S / 60}", f"train.warmup_steps={WARMUP}",
-        "train.eval_every=10", "train.save_every=15", f"train.lr={LR}", "train.fit_schedule=true"]
+        "train.eval_every=10", "train.save_every=15", f"train.lr={LR}"]
 
 
 def test_time_budget_fits_the_schedule(corpus, data_cache, tmp_path, fake_clock):

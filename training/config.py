@@ -34,10 +34,9 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # wall-clock budget: stop (and save) once exceeded
     # with train.max_minutes: fit the LR schedule to the time, so that its decay ends inside the budget (the
     # run evaluates and saves after its first step to time both, and after its warmup fixes the schedule's
-    # length to the steps that fit, printed and saved in its checkpoints; docs/training.md); false (the default
-    # until docs/recipe.md's arms measure the fit): the schedule spans train.max_steps and the budget only
-    # stops the run, to be resumed (e.g. before a job's time limit)
-    fit_schedule: bool = False
+    # length to the steps that fit, printed and saved in its checkpoints; docs/training.md); false: the schedule
+    # spans train.max_steps and the budget only stops the run, to be resumed (e.g. before a job's time limit)
+    fit_schedule: bool = True
     batch_size: int = 32  # global sequences per optimizer step, whatever the number of processes
     seq_len: int = 128  # tokens per sequence (<= model.max_seq_len)
     grad_accum: int = 1  # micro-batches per step: each process runs batch_size / (world * grad_accum)
