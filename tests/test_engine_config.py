@@ -36,7 +36,7 @@ def parse(script: str, argv: list[str]):
 @pytest.mark.parametrize("script", ["generate.py", "serve.py"])
 def test_every_field_is_a_flag(script):
     """--help lists a flag for every EngineConfig field not excluded above (the flags of VALUES), and the
-    flags that were there before EngineConfig keep their names."""
+    flags that were there before EngineConfig keep their names: README.md's "the same flags"."""
     assert set(VALUES) == {f.name for f in fields(EngineConfig)}, "give a new field a value in VALUES"
     done = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=60)
