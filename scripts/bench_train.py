@@ -51,6 +51,7 @@ from model import ModelConfig, Transformer
 from scripts.busy import spin_one_core
 from training.config import TrainConfig
 from training.metrics import flops_per_token, peak_flops
+from training.plan import make_plan
 from training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +197,7 @@ def build(name: str, args, base: list[str], work: Path, hf_step):
     else:
         cls = LogitsLossTrainer if name == "logits-adamw" else Trainer
         quiet = ["train.progress=false", "wandb.mode=disabled"]  # the Trainer alone never logs nor shows progress
-        step = cls(config(base + VARIANTS[name] + quiet + [f"out_dir={work / name}"])).train_step
+        step = cls(make_plan(config(base + VARIANTS[name] + quiet + [f"out_dir={work / name}"]))).train_step
     for _ in range(args.warmup):
         step()
     return step, timer(step, args.steps), []

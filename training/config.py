@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from data.config import DataConfig
 from evaluation import EvalError, require_harness
@@ -203,8 +204,10 @@ def check_folder(option: str, value: str) -> None:
                                f"choose a writable {option}")
 
 
-def check_train_config(cfg, model_cfg: ModelConfig, world_size: int) -> None:
-    """The relations between training options, the model and the machine, once those are known."""
+def validate(cfg, world_size: int) -> None:
+    """Every option, alone and with the others, for a run of `world_size` processes: one error naming it."""
+    check_options(cfg)
+    model_cfg = OmegaConf.to_object(cfg.model)  # ModelConfig validates itself
     t = cfg.train
     per_step = world_size * t.grad_accum
     if t.batch_size % per_step:
