@@ -172,7 +172,7 @@ def test_help_shows_every_option_with_its_meaning(tmp_path):
     for key, meaning in [("train.max_steps", "optimizer steps; the LR schedule spans these"),
                          ("train.grad_clip", "max global gradient norm; 0 disables clipping"),
                          ("model.n_kv_heads", "key/value heads"), ("data.val_path", "Optional separate validation text"),
-                         ("wandb.mode", "offline (no account needed"), ("train.optimizer", "(one of: adamw, muon)")]:
+                         ("wandb.mode", "offline (no account needed"), ("train.schedule", "(one of: cosine, wsd)")]:
         after = proc.stdout.split(f"  {key} = ", 1)[1]
         assert meaning in after.split("\n  ", 2)[1], (key, after[:300])  # the line(s) under the key
 
