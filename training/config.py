@@ -76,9 +76,9 @@ class TrainConfig:
     init_from: Optional[str] = None
     # torch.compile the training steps (training/trainer.py, compile_for_training): Inductor fuses the norms, RoPE,
     # SwiGLU and the residual adds (README, Performance), bitwise repeatable on CPU, its compilation cached in
-    # .cache/torchinductor. auto: where it pays (trainer.compiles: on the CPU in one process, a run estimated at
-    # over 10 minutes; make train's is not), and eager with a warning where Inductor cannot compile; true:
-    # everywhere, an error where it cannot; false: eager.
+    # .cache/torchinductor. auto: where it pays (training/plan.py, compiles: on the CPU in one process, a run
+    # estimated at over 10 minutes; make train's is not), and eager with a warning where Inductor cannot compile;
+    # true: everywhere, an error where it cannot; false: eager.
     compile: Annotated[Any, Literal[True, False, "auto"]] = "auto"
     # CPU: before each step, run torch on the cores other processes leave free (engine/threads.py, as
     # generation does by default; README, Performance). Off by default because results may depend on the
