@@ -26,6 +26,7 @@ from training.config import check_folder, register_configs
 from training.distributed import any_rank, reports_error
 from training.errors import TrainConfigError, TrainingError
 from training.interrupt import StopOnSignal
+from training.plan import make_plan
 from training.trainer import Trainer
 
 register_configs()
@@ -47,7 +48,8 @@ def shell_command(script: str, args: list[str]) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    t = Trainer(cfg, command_line_overrides())  # data, model, optimizer; resumed or initialised from a checkpoint
+    plan = make_plan(cfg, command_line_overrides())  # what to do, decided: writes nothing (training/plan.py)
+    t = Trainer(plan)  # locks out_dir, then data, model, optimizer; resumed or initialised from a checkpoint
     try:
         with StopOnSignal() as signals:
             summary = loop(t, signals)

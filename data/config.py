@@ -4,7 +4,7 @@ These fields are the `data.*` options of the trainer (Hydra structured config),
 e.g. `python train.py data=text data.path=notes/ data.vocab_size=8192`.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 from .errors import DataError
 
@@ -22,7 +22,7 @@ class DataConfig:
     #   recall      - synthetic key-value recall sequences (data/recall.py), with their own word-level tokenizer
     #   chat        - conversations for supervised fine-tuning (data/conversations.py): .jsonl files of
     #                 {"messages": [...]} named by data.path, or a dataset with a `messages` column named by data.name
-    source: str = "shakespeare"
+    source: Annotated[str, Literal[SOURCES]] = "shakespeare"
     # text: a file, a glob ("books/**/*.txt") or a folder (searched recursively for
     # .txt, .md and .jsonl). Each .txt/.md file is one document; each .jsonl line is
     # one document, its text in column data.text_column. Relative to the current directory.
@@ -75,39 +75,35 @@ class DataConfig:
     # data=recall: sequences generated; data.val_fraction of them are held out for validation
     recall_sequences: int = 40000
 
-
-def check_config(cfg) -> None:
-    """Fail early, with the fix in the message, on options that cannot work.
-
-    Accepts a DataConfig or anything with the same attributes (e.g. an OmegaConf DictConfig).
-    """
-    if cfg.source not in SOURCES:
-        raise DataError(f"unknown data source {cfg.source!r}; use data=shakespeare, "
-                        f"data=text data.path=..., data=hf data.name=..., data=recall or data=chat data.path=...")
-    if cfg.source == "text" and not cfg.path:
-        raise DataError("data=text needs a file, glob or folder: data=text data.path=...")
-    if cfg.source == "chat" and bool(cfg.path) == bool(cfg.name):
-        raise DataError("data=chat needs one source of conversations: data.path=FILE.jsonl (or a glob or folder of "
-                        ".jsonl files) or data.name=<a Hugging Face dataset with a messages column>")
-    if cfg.source == "hf" and not cfg.name:
-        raise DataError("data=hf needs a dataset: data.name=<Hub name or local path>, "
-                        "e.g. data.name=roneneldan/TinyStories")
-    if cfg.source == "hf" and cfg.streaming and not cfg.max_documents:
-        raise DataError("data.streaming=true needs a cap on documents: set data.max_documents=N")
-    if cfg.max_documents is not None and cfg.max_documents < 1:
-        raise DataError(f"data.max_documents={cfg.max_documents} must be at least 1 (or null for all)")
-    if cfg.source == "recall":
-        check_recall(cfg)
-    elif cfg.tokenizer_path is None and cfg.vocab_size < MIN_VOCAB:
-        raise DataError(f"data.vocab_size={cfg.vocab_size} is too small: byte-level BPE needs "
-                        f"at least {MIN_VOCAB} (256 bytes + {EOT}); raise data.vocab_size")
-    if cfg.val_path is None and not 0.0 < cfg.val_fraction < 1.0:
-        raise DataError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1 "
-                        f"(exclusive), or give a separate data.val_path")
-    if cfg.chunk_chars < 1:
-        raise DataError(f"data.chunk_chars={cfg.chunk_chars} must be at least 1")
-    if cfg.num_proc is not None and cfg.num_proc < 1:
-        raise DataError(f"data.num_proc={cfg.num_proc} must be at least 1 (or null)")
+    def validate(self) -> None:
+        """Fail early, with the fix in the message, on options that cannot work."""
+        if self.source not in SOURCES:
+            raise DataError(f"unknown data source {self.source!r}; use data=shakespeare, "
+                            f"data=text data.path=..., data=hf data.name=..., data=recall or data=chat data.path=...")
+        if self.source == "text" and not self.path:
+            raise DataError("data=text needs a file, glob or folder: data=text data.path=...")
+        if self.source == "chat" and bool(self.path) == bool(self.name):
+            raise DataError("data=chat needs one source of conversations: data.path=FILE.jsonl (or a glob or folder of "
+                            ".jsonl files) or data.name=<a Hugging Face dataset with a messages column>")
+        if self.source == "hf" and not self.name:
+            raise DataError("data=hf needs a dataset: data.name=<Hub name or local path>, "
+                            "e.g. data.name=roneneldan/TinyStories")
+        if self.source == "hf" and self.streaming and not self.max_documents:
+            raise DataError("data.streaming=true needs a cap on documents: set data.max_documents=N")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise DataError(f"data.max_documents={self.max_documents} must be at least 1 (or null for all)")
+        if self.source == "recall":
+            check_recall(self)
+        elif self.tokenizer_path is None and self.vocab_size < MIN_VOCAB:
+            raise DataError(f"data.vocab_size={self.vocab_size} is too small: byte-level BPE needs "
+                            f"at least {MIN_VOCAB} (256 bytes + {EOT}); raise data.vocab_size")
+        if self.val_path is None and not 0.0 < self.val_fraction < 1.0:
+            raise DataError(f"data.val_fraction={self.val_fraction} must be between 0 and 1 "
+                            f"(exclusive), or give a separate data.val_path")
+        if self.chunk_chars < 1:
+            raise DataError(f"data.chunk_chars={self.chunk_chars} must be at least 1")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise DataError(f"data.num_proc={self.num_proc} must be at least 1 (or null)")
 
 
 def check_recall(cfg) -> None:

@@ -37,7 +37,7 @@ from tokenizers import Tokenizer
 
 from .chat import (CHAT_TEMPLATE, CHAT_TOKENS, TEMPLATE_FILE, add_chat_tokens, check_messages,
                    render_conversation, render_prompt)
-from .config import EOT, check_config
+from .config import EOT
 from .errors import DataError
 from .loader import check_ranks
 from .sources import fingerprint_files, load_documents, resolve_files, source_fingerprint
@@ -87,7 +87,7 @@ def _as_hf(cfg):
 
 def load_conversations(cfg) -> tuple[list, Optional[list]]:
     """(main conversations, separate validation conversations or None), each a list of checked message lists."""
-    check_config(cfg)
+    cfg.validate()
     val = None
     if cfg.path:
         main = [c for f in chat_files(cfg.path, "data.path") for c in read_jsonl(f)]
@@ -110,7 +110,7 @@ def load_conversations(cfg) -> tuple[list, Optional[list]]:
 
 def chat_fingerprint(cfg) -> dict:
     """What the conversations depend on (for the cache key). Validates inputs."""
-    check_config(cfg)
+    cfg.validate()
     fp: dict = {"source": "chat", "format": CHAT_FORMAT_VERSION, "max_documents": cfg.max_documents}
     files = chat_files(cfg.path, "data.path") if cfg.path else []
     if cfg.path:

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import tokenizers
 from tokenizers import Tokenizer
 
-from .config import EOT, check_config
+from .config import EOT
 from .conversations import chat_fingerprint, describe_chat, load_chat, write_chat
 from .errors import DataError
 from .loader import TokenBatches, eval_batches, eval_text_size
@@ -134,7 +134,7 @@ def load_prepared(dir) -> PreparedData:
 
 def prepare(cfg) -> PreparedData:
     """Build (or find in the cache) the tokenized train/val splits for `cfg`."""
-    check_config(cfg)
+    cfg.validate()
     inputs = cache_inputs(cfg)
     key = cache_key(inputs)
     out = Path(os.path.expanduser(cfg.cache_dir)).resolve() / f"{cfg.source}-{key[:16]}"

@@ -70,6 +70,11 @@ def recall_tokenizer(vocab: int) -> Tokenizer:
     return tok
 
 
+def recall_vocab_size(vocab: int) -> int:
+    """The ids of recall_tokenizer(vocab): <|endoftext|>, the keys, the values."""
+    return 1 + 2 * vocab
+
+
 def write_recall(cfg, folder) -> dict:
     """Generate the train and held-out sequences into folder/{train,val}.bin with tokenizer.json; returns the
     meta.json fields (data/pipeline.py adds the cache's own). data.val_fraction of the sequences are held out."""
@@ -77,7 +82,7 @@ def write_recall(cfg, folder) -> dict:
     seqs = generate(cfg.recall_sequences, cfg.recall_seq_len, cfg.recall_pairs, cfg.recall_vocab, cfg.seed)
     tok = recall_tokenizer(cfg.recall_vocab)
     tok.save(str(folder / "tokenizer.json"))
-    vocab_size = 1 + 2 * cfg.recall_vocab
+    vocab_size = recall_vocab_size(cfg.recall_vocab)
     meta = {"vocab_size": vocab_size, "eot_id": EOT_ID, "eot_token": EOT, "dtype": token_dtype(vocab_size).name,
             "tokenizer": "word-level: <|endoftext|>, keys k0.., values v0.. (data/recall.py)",
             "recall": {"pairs": cfg.recall_pairs, "vocab": cfg.recall_vocab, "seq_len": cfg.recall_seq_len,

@@ -12,7 +12,6 @@ from typing import Optional
 
 import datasets
 
-from .config import check_config
 from .errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")           # one file = one document
@@ -191,7 +190,7 @@ def _local_tree_fingerprint(path: Path) -> list[dict]:
 
 def source_fingerprint(cfg) -> dict:
     """What the main and validation documents depend on (for the cache key). Validates inputs."""
-    check_config(cfg)
+    cfg.validate()
     fp: dict = {"source": cfg.source, "max_documents": cfg.max_documents}
     if cfg.source == "recall":
         from .recall import GENERATOR_VERSION
@@ -254,7 +253,7 @@ def _has_text(ds: datasets.Dataset) -> bool:
 
 def load_documents(cfg) -> tuple[datasets.Dataset, Optional[datasets.Dataset]]:
     """(main documents, separate validation documents or None), each a Dataset with column "text"."""
-    check_config(cfg)
+    cfg.validate()
     val = None
     if cfg.source == "shakespeare":
         docs = _load_shakespeare()

@@ -20,7 +20,7 @@ commute with the latent up-projection (DeepSeek-V2, section 2.1.3).
 """
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
 
@@ -33,27 +33,27 @@ class ConfigError(ValueError):
 class ModelConfig:
     vocab_size: int = 4096  # set from the tokenizer by train.py
     dim: int = 256  # residual stream width
-    n_layers: int = 6
+    n_layers: int = 6  # transformer blocks
     n_heads: int = 8  # query heads; head_dim = dim // n_heads
     n_kv_heads: int = 2  # key/value heads (see the table above)
     ffn_dim: int = 688  # SwiGLU hidden width (about 8/3 * dim, rounded)
     max_seq_len: int = 256  # longest context RoPE tables are built for
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE's base: the wavelengths of the rotated pairs grow from 2*pi to about this
     # Llama 3 RoPE scaling (HF rope_scaling type "llama3"): low frequencies slowed by this factor,
     # high ones kept, a smooth ramp between (see rope.py). 1.0 = off. Set by importing a Llama 3 model.
     rope_scaling_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_seq_len: int = 8192
-    norm_eps: float = 1e-5
+    rope_low_freq_factor: float = 1.0  # Llama 3 RoPE scaling: wavelengths above original / this are slowed
+    rope_high_freq_factor: float = 4.0  # Llama 3 RoPE scaling: wavelengths below original / this are kept
+    rope_original_max_seq_len: int = 8192  # Llama 3 RoPE scaling: the context the model was first trained for
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
     tie_embeddings: bool = False  # share the token embedding with the LM head
-    attention: str = "gqa"  # mha | gqa | mqa | mla
+    attention: Annotated[str, Literal[ATTENTION_KINDS]] = "gqa"  # the attention variant (see the table above)
     # MLA only (DeepSeek-V2 names). q_lora_rank = 0 projects queries directly from the residual.
     q_lora_rank: int = 0
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
+    kv_lora_rank: int = 64  # MLA: width of the shared key/value latent c_kv (what the KV cache stores)
+    qk_nope_head_dim: int = 32  # MLA: per-head query/key width without position (RoPE)
+    qk_rope_head_dim: int = 16  # MLA: width of the RoPE key shared by all heads (cached beside c_kv)
+    v_head_dim: int = 32  # MLA: per-head value width
     # eps of MLA's latent RMSNorms (c_kv, and c_q with q_lora_rank); None = norm_eps. transformers'
     # DeepSeek classes fix it at 1e-6 whatever rms_norm_eps says, so only 1e-6 exports exactly to them.
     latent_norm_eps: Optional[float] = None

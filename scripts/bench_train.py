@@ -51,6 +51,7 @@ from model import ModelConfig, Transformer
 from scripts.busy import spin_one_core
 from training.config import TrainConfig
 from training.metrics import flops_per_token, peak_flops
+from training.plan import make_plan
 from training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +197,7 @@ def build(name: str, args, base: list[str], work: Path, hf_step):
     else:
         cls = LogitsLossTrainer if name == "logits-adamw" else Trainer
         quiet = ["train.progress=false", "wandb.mode=disabled"]  # the Trainer alone never logs nor shows progress
-        step = cls(config(base + VARIANTS[name] + quiet + [f"out_dir={work / name}"])).train_step
+        step = cls(make_plan(config(base + VARIANTS[name] + quiet + [f"out_dir={work / name}"]))).train_step
     for _ in range(args.warmup):
         step()
     return step, timer(step, args.steps), []
@@ -212,16 +213,9 @@ def main():
             raise SystemExit("error: transformers' LlamaForCausalLM has no MLA: drop hf from --variants")
         shape.model.vocab_size = prepare(OmegaConf.to_object(shape.data)).vocab_size  # as the Trainer sets it
         model_cfg = OmegaConf.to_object(shape.model)
-        tokens = shape.train.batch_size * shape.train.seq_len
         fpt = flops_per_token(Transformer(model_cfg), shape.train.seq_len)
         peak = peak_flops(torch.device("cpu"), args.peak_tflops)
-        peak_text = f"peak {peak / 1e9:.1f} GFLOP/s" if peak else "peak unknown (set --peak-tflops)"
-        print(f"{' '.join(SHAPES[args.shape] + args.overrides) or 'train.py defaults'}: {model_cfg.attention} "
-              f"d={model_cfg.dim} L={model_cfg.n_layers} H={model_cfg.n_heads} kv={model_cfg.n_kv_heads} "
-              f"ffn={model_cfg.ffn_dim} vocab={model_cfg.vocab_size} | batch {shape.train.batch_size} x seq "
-              f"{shape.train.seq_len} fp32 | threads {torch.get_num_threads()} | {fpt / 1e6:.1f} MFLOP/token | "
-              f"{peak_text} | " + (f"train.py's loop: runs of train.log_every={shape.train.log_every} + "
-                                   f"{args.steps} steps" if args.loop else "Trainer.train_step"))
+        print_header(args, shape, model_cfg, fpt, peak)
         if args.busy:
             spin_one_core()
             print("one core busy: a process spins beside; our threads "
@@ -232,28 +226,50 @@ def main():
             steps[name], timers[name], shares[name] = build(name, args, base, Path(work), lambda: transformers_llama(
                 model_cfg, shape.train.batch_size, shape.train.seq_len))
             print(f"{name}: built and warmed up in {time.perf_counter() - t:.1f} s")
-        threads = torch.get_num_threads()
-        tok_s = {name: [] for name in timers}
-        for _ in range(args.rounds):
-            for name, timed in timers.items():
-                # Each in its own mode: train.py's compiled runs are deterministic (compile_for_training), its
-                # eager runs and transformers' are not; a compiled variant has turned it on process-wide.
-                torch.use_deterministic_algorithms("train.compile=true" in (VARIANTS[name] or []), warn_only=True)
-                tok_s[name].append(tokens * args.steps / timed())
-                torch.set_num_threads(threads)  # the next variant starts from the same count
-        report(tok_s, fpt, peak)
+        report(time_rounds(timers, args, shape.train.batch_size * shape.train.seq_len * args.steps), fpt, peak)
         for name, of_loop in shares.items():
             if of_loop:
                 print(f"{name}: {statistics.median(of_loop):.1%} of the loop's time in Trainer.train_step (median; "
                       f"each round: {' '.join(f'{s:.1%}' for s in of_loop)})")
         if args.profile:
-            from torch.profiler import profile
+            profile_steps(steps)
 
-            for name, step in steps.items():
-                with profile() as prof:
-                    step()
-                print(f"\n{name}: one step, ops by their own CPU time\n"
-                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+def print_header(args, shape, model_cfg: ModelConfig, fpt: float, peak) -> None:
+    """One line: the options, the model's shape, the batch, the threads, FLOPs per token, the peak, what is timed."""
+    peak_text = f"peak {peak / 1e9:.1f} GFLOP/s" if peak else "peak unknown (set --peak-tflops)"
+    print(f"{' '.join(SHAPES[args.shape] + args.overrides) or 'train.py defaults'}: {model_cfg.attention} "
+          f"d={model_cfg.dim} L={model_cfg.n_layers} H={model_cfg.n_heads} kv={model_cfg.n_kv_heads} "
+          f"ffn={model_cfg.ffn_dim} vocab={model_cfg.vocab_size} | batch {shape.train.batch_size} x seq "
+          f"{shape.train.seq_len} fp32 | threads {torch.get_num_threads()} | {fpt / 1e6:.1f} MFLOP/token | "
+          f"{peak_text} | " + (f"train.py's loop: runs of train.log_every={shape.train.log_every} + "
+                               f"{args.steps} steps" if args.loop else "Trainer.train_step"))
+
+
+def time_rounds(timers: dict, args, tokens: int) -> dict:
+    """{variant: its tokens/s in each of --rounds rounds}, the variants timed back to back within a round;
+    `tokens`: what one timing processes."""
+    threads = torch.get_num_threads()
+    tok_s = {name: [] for name in timers}
+    for _ in range(args.rounds):
+        for name, timed in timers.items():
+            # Each in its own mode: train.py's compiled runs are deterministic (compile_for_training), its
+            # eager runs and transformers' are not; a compiled variant has turned it on process-wide.
+            torch.use_deterministic_algorithms("train.compile=true" in (VARIANTS[name] or []), warn_only=True)
+            tok_s[name].append(tokens / timed())
+            torch.set_num_threads(threads)  # the next variant starts from the same count
+    return tok_s
+
+
+def profile_steps(steps: dict) -> None:
+    """One step of each variant under torch.profiler: its ops by their own CPU time."""
+    from torch.profiler import profile
+
+    for name, step in steps.items():
+        with profile() as prof:
+            step()
+        print(f"\n{name}: one step, ops by their own CPU time\n"
+              + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def report(tok_s: dict, fpt, peak) -> None:

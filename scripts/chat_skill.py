@@ -89,8 +89,6 @@ def score(llm, template, tests: list[dict], stop: list[str], stop_ids: list[int]
 
 def with_chat_tokens(base: Path):
     """The base model with the chat tokens added as fine-tuning starts (rows = mean rows), not fine-tuned."""
-    from types import SimpleNamespace
-
     import torch
 
     from checkpoint import load_pretrained
@@ -103,7 +101,7 @@ def with_chat_tokens(base: Path):
     p = load_pretrained(base)
     tok = load_tokenizer(str(p.tokenizer_path))
     add_chat_tokens(tok)
-    p, _ = add_new_tokens(SimpleNamespace(model=SimpleNamespace()), p, tok)
+    p, _ = add_new_tokens(p, tok)
     model = Transformer(p.config)
     model.load_state_dict(p.state_dict)
     return LLM(model=model, tokenizer=tok, eos_token_id=p.eos_id, device="cpu", dtype=torch.float32)

@@ -13,7 +13,6 @@ from tokenizers import Tokenizer
 import train
 from conftest import compose_config
 from data import DataConfig, DataError, TokenBatches, eval_batches, prepare
-from data.config import check_config
 from data.recall import AnswerBatches, answer_targets, generate, recall_hits
 
 PAIRS, VOCAB, SEQ_LEN = 8, 16, 64  # keys are ids 1..16, values 17..32, <|endoftext|> 0
@@ -133,7 +132,7 @@ def test_bad_recall_options_name_the_fix(change, message):
     cfg = DataConfig(**{"source": "recall", "recall_pairs": PAIRS, "recall_vocab": VOCAB, "recall_seq_len": SEQ_LEN,
                         **change})
     with pytest.raises(DataError, match=message):
-        check_config(cfg)
+        cfg.validate()
 
 
 def test_trainer_logs_recall_accuracy_of_the_held_out_answers(data_cache, tmp_path):

@@ -149,6 +149,7 @@ def test_training_consults_the_governor_only_when_asked(corpus, data_cache, tmp_
 
     import engine.threads as threads
     from conftest import compose_config, tiny_overrides
+    from training.plan import make_plan
     from training.trainer import Trainer
 
     if not os.path.exists("/proc/stat"):
@@ -173,7 +174,7 @@ def test_training_consults_the_governor_only_when_asked(corpus, data_cache, tmp_
             others["cores"], ticks["reads"] = 1.0, 0
             cfg = compose_config(tiny_overrides(corpus, data_cache, tmp_path / str(adaptive))
                                  + [f"train.adaptive_threads={adaptive}"])
-            t = Trainer(cfg)
+            t = Trainer(make_plan(cfg))
             try:
                 assert (t.threads is not None) == adaptive
                 if adaptive:
@@ -193,10 +194,10 @@ def test_training_consults_the_governor_only_when_asked(corpus, data_cache, tmp_
 
 def test_adaptive_threads_is_refused_on_a_gpu(corpus, data_cache, tmp_path):
     from conftest import compose_config, tiny_overrides
-    from training.config import check_options
+    from training.config import validate
     from training.errors import TrainConfigError
 
     cfg = compose_config(tiny_overrides(corpus, data_cache, tmp_path) + ["train.adaptive_threads=true",
                                                                          "train.device=mps"])
     with pytest.raises(TrainConfigError, match="train.adaptive_threads=true sets CPU threads.*train.device=cpu"):
-        check_options(cfg)
+        validate(cfg)

@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 import train
+import training.plan as plan
 import training.trainer as trainer
 from conftest import ROOT, compose_config, tiny_overrides
 from checkpoint import CheckpointError, load_checkpoint
@@ -256,7 +257,7 @@ def test_compile_auto_compiles_long_cpu_runs_only():
     fpt = flops_per_token(Transformer(model_cfg), cfg.train.seq_len)
 
     def compiles(*overrides, device="cpu", distributed=False, peak=156.5e9):
-        return trainer.compiles(compose_config(list(overrides)), torch.device(device), distributed, fpt, peak)
+        return plan.compiles(compose_config(list(overrides)), torch.device(device), distributed, fpt, peak)
 
     assert not compiles()
     assert compiles("train.max_steps=4000")

@@ -154,19 +154,25 @@ def test_try_it_line_runs_as_printed(corpus, data_cache, tmp_path):
 
 
 def test_help_shows_every_option_with_its_meaning(tmp_path):
-    from dataclasses import fields
+    """Every field of every config dataclass is listed with a help text under it (a field without one fails)."""
+    from dataclasses import fields, is_dataclass
 
-    from training.config import TrainConfig
+    from training.config import SECTIONS
 
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and list(tmp_path.iterdir()) == [], proc.stderr[-2000:]
-    for f in fields(TrainConfig):
-        assert f"  train.{f.name} = " in proc.stdout, f.name
+    keys = [f"{prefix}.{f.name}" if prefix else f.name for prefix, cls in SECTIONS for f in fields(cls)
+            if not is_dataclass(f.type)]
+    assert len(keys) > 80 and "train.max_steps" in keys and "wandb.tags" in keys and "seed" in keys
+    for key in keys:
+        assert f"\n  {key} = " in proc.stdout, key
+        under = proc.stdout.split(f"\n  {key} = ", 1)[1].split("\n")[1]
+        assert under.startswith("      ") and under.strip(), (key, under)  # its help, indented under it
     for key, meaning in [("train.max_steps", "optimizer steps; the LR schedule spans these"),
                          ("train.grad_clip", "max global gradient norm; 0 disables clipping"),
                          ("model.n_kv_heads", "key/value heads"), ("data.val_path", "Optional separate validation text"),
-                         ("wandb.mode", "offline (no account needed")]:
+                         ("wandb.mode", "offline (no account needed"), ("train.schedule", "(one of: cosine, wsd)")]:
         after = proc.stdout.split(f"  {key} = ", 1)[1]
         assert meaning in after.split("\n  ", 2)[1], (key, after[:300])  # the line(s) under the key
 
@@ -235,7 +241,8 @@ def test_best_is_the_lowest_evaluation_even_between_saves(corpus, data_cache, tm
     ("attention.backend=triton", "attention.backend=triton needs a CUDA device"),
     ("attention.backend=cpu train.device=mps", "attention.backend=cpu is our C++ kernel for CPU training"),
     ("train.optimizer=sgd", "unknown train.optimizer 'sgd': choose adamw or muon"),
-    ("train.compile=maybe", "train.compile=maybe must be true, false or auto"),
+    ("train.compile=maybe", "unknown train.compile 'maybe': choose true, false or auto"),
+    ("wandb.mode=off", "unknown wandb.mode 'off': choose offline, online or disabled"),
     ("train.discard_later_checkpoints=true", "train.discard_later_checkpoints=true applies to train.resume=PATH"),
 ])
 def test_bad_option_is_refused_before_any_work(option, message, corpus, tmp_path, monkeypatch):

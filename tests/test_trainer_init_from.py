@@ -56,14 +56,13 @@ def test_fine_tune_resumes_exactly(source, request, corpus, data_cache, tmp_path
     cfg = compose_config(tiny_overrides(corpus, data_cache, straight) + base)
     train.run(cfg)
     # Step 1's loss is the loaded model's loss on the first batch (computed here without the trainer).
-    from omegaconf import OmegaConf
-
     from checkpoint import load_model
     from data import TokenBatches
     from data.pipeline import prepare
+    from training.plan import make_plan
 
     model, _, _ = load_model(pretrained, torch.device("cpu"), torch.float32)
-    d = prepare(OmegaConf.to_object(cfg.data))
+    d = prepare(make_plan(cfg).data)  # the run's data: tokenized with the checkpoint's tokenizer
     x, y = TokenBatches(d.train, cfg.train.seq_len, cfg.train.batch_size, cfg.seed).get_batch(0)
     with torch.no_grad():
         assert train_losses(straight)[1] == pytest.approx(model(x, y)[1].item(), abs=1e-5)

@@ -68,8 +68,8 @@ def check_later_checkpoints(cfg, root, step: int) -> None:
 
 
 def adopt_pretrained_config(cfg, pretrained, cli_overrides) -> None:
-    """train.init_from: the model is the checkpoint's (its config and tokenizer); a model option on the
-    command line that says otherwise is refused rather than silently ignored."""
+    """train.init_from: the model is the checkpoint's (its config and tokenizer, set in `cfg`, make_plan's copy);
+    a model option on the command line that says otherwise is refused rather than silently ignored."""
     saved = asdict(pretrained.config)
     for arg in cli_overrides:
         key, _, value = arg.lstrip("+~").partition("=")
@@ -85,11 +85,11 @@ def adopt_pretrained_config(cfg, pretrained, cli_overrides) -> None:
     cfg.data.tokenizer_path = str(pretrained.tokenizer_path)
 
 
-def add_new_tokens(cfg, pretrained, tokenizer: Tokenizer):
+def add_new_tokens(pretrained, tokenizer: Tokenizer):
     """train.init_from, when the data's tokenizer adds tokens to the checkpoint's (data=chat adds the chat tokens; a
     tokenizer without <|endoftext|> gets one): the checkpoint with embedding and output rows for them, and their
-    names; cfg.model.vocab_size follows. A new token's rows start as the mean of the known tokens' rows: an average
-    token with an average logit, rather than a random one whose logit could be anything."""
+    names (its config's vocab_size grown to match). A new token's rows start as the mean of the known tokens' rows: an
+    average token with an average logit, rather than a random one whose logit could be anything."""
     old = Tokenizer.from_file(str(pretrained.tokenizer_path)).get_vocab(with_added_tokens=True)
     new = tokenizer.get_vocab(with_added_tokens=True)
     vocab = max(pretrained.config.vocab_size, max(new.values()) + 1)
@@ -107,5 +107,4 @@ def add_new_tokens(cfg, pretrained, tokenizer: Tokenizer):
         state[name] = grown
     if pretrained.config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
-    cfg.model.vocab_size = vocab
     return replace(pretrained, config=replace(pretrained.config, vocab_size=vocab), state_dict=state), sorted(added)

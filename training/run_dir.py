@@ -8,6 +8,7 @@ holds a run's checkpoints or metrics, unless it continues it (train.resume) or r
 """
 
 import fcntl
+import os
 import shutil
 from pathlib import Path
 
@@ -21,25 +22,53 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "wandb_run_id")  # what a run write
 
 
 def claim_out_dir(out_dir: Path, resume: bool, overwrite: bool):
-    """Create and lock `out_dir` for this process; returns the open lock file (keep it open while training)."""
+    """Create and lock `out_dir` for this process: (the open lock file, to keep open while training; whether this
+    call created it). A folder holding a run is refused unless this run continues it (resume) or replaces it
+    (overwrite: replace_run deletes it once the run is ready to start, so an error before then loses nothing)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(out_dir / LOCK_FILE, "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
+    created = not (out_dir / LOCK_FILE).exists()
+    lock = _lock(out_dir / LOCK_FILE)
+    if lock is None:
         raise TrainConfigError(f"another training run is using out_dir={out_dir}: wait for it to finish, "
-                               "or choose another out_dir") from None
+                               "or choose another out_dir")
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and not resume:
-        if not overwrite:
+    if existing and not resume and not overwrite:
+        release_out_dir(out_dir, lock, remove=created)
+        raise TrainConfigError(f"out_dir={out_dir} already holds a run ({', '.join(existing)}): continue it with "
+                               "train.resume=true, replace it with train.overwrite=true, or choose another out_dir")
+    return lock, created
+
+
+def _lock(path: Path):
+    """`path` opened and flock-ed, or None if another process holds it. A run that fails to start deletes the lock
+    file it created (release_out_dir): if that happened between our open and flock, lock the new file instead."""
+    while True:
+        lock = open(path, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             lock.close()
-            raise TrainConfigError(f"out_dir={out_dir} already holds a run ({', '.join(existing)}): continue it with "
-                                   "train.resume=true, replace it with train.overwrite=true, or choose another out_dir")
-        for name in existing:
-            path = out_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return lock
+            return None
+        if path.exists() and os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+            return lock
+        lock.close()
+
+
+def release_out_dir(out_dir: Path, lock, remove: bool) -> None:
+    """Unlock out_dir; remove: delete the lock file first (a run that failed to start leaves the folder as it was)."""
+    if remove:
+        (out_dir / LOCK_FILE).unlink(missing_ok=True)
+    lock.close()
+
+
+def replace_run(out_dir: Path) -> None:
+    """train.overwrite=true: delete the previous run's checkpoints and metrics (out_dir is locked)."""
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def record_config(out_dir: Path, cfg) -> None:

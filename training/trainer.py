@@ -22,21 +22,21 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from checkpoint import CheckpointError, discard_later, load_checkpoint, load_pretrained, save_checkpoint
+from checkpoint import discard_later, load_checkpoint, save_checkpoint
 from data import DataError, bits_per_byte, load_prepared, prepare
 from data.recall import recall_hits
 from engine.threads import ThreadGovernor
 from model import Transformer, choose_backend
 
-from .config import check_options, check_train_config
 from .distributed import (fail_together, forward_is_collective, full_state, gradient_sync, init_distributed,
                           load_full_state, mean_across_ranks, shutdown, sum_across_ranks, wrap_model)
 from .errors import TrainConfigError, TrainingError
-from .metrics import MetricsLogger, flops_per_token, peak_flops
+from .metrics import MetricsLogger, flops_per_token
 from .optim import build_optimizer, lr_at, steps_that_fit
-from .resume import add_new_tokens, adopt_pretrained_config, check_later_checkpoints, check_resume_compatible
+from .plan import Plan
+from .resume import add_new_tokens, check_later_checkpoints, check_resume_compatible
 from .rng import capture_rng_state, restore_rng_state
-from .run_dir import claim_out_dir, record_config
+from .run_dir import claim_out_dir, record_config, release_out_dir, replace_run
 from .sample import sample_text
 
 
@@ -57,29 +57,6 @@ def compile_for_training(model: torch.nn.Module, device: torch.device) -> torch.
         # CPU only: on CUDA the mode also constrains cuBLAS, which would need its own set-up.
         torch.use_deterministic_algorithms(True, warn_only=True)
     return torch.compile(model)
-
-
-# train.compile=auto compiles a run whose eager steps would take more than this, at this share of the peak.
-COMPILE_PAYS_AFTER_S, EXPECTED_MFU = 600, 0.4
-
-
-def compiles(cfg, device: torch.device, distributed: bool, flops_per_token: float, peak: Optional[float]) -> bool:
-    """Whether train.compile (true, false or auto) compiles this run. auto decides from the command and the
-    machine alone, never the Inductor cache or the load, so one command always trains the same way.
-
-    Measured on make train's model (README, Performance): a cold compilation took about 50 s, and then the
-    steps ran 1.05-1.2x faster than eager ones, so compiling pays for runs of more than about 10 minutes. auto
-    estimates the run's length from its FLOPs at 40% of the peak (make train logs an MFU of 36-56%), on the
-    CPU in one process, where it was measured; elsewhere it stays eager."""
-    t = cfg.train
-    if t.compile != "auto":
-        return bool(t.compile)
-    if device.type != "cpu" or distributed or not peak:
-        return False
-    seconds = t.max_steps * t.batch_size * t.seq_len * flops_per_token / (EXPECTED_MFU * peak)
-    if t.max_minutes is not None:
-        seconds = min(seconds, 60 * t.max_minutes)
-    return seconds > COMPILE_PAYS_AFTER_S
 
 
 # A time budget fits the schedule at the end of the warmup, and no sooner than this step: the steps before
@@ -133,22 +110,89 @@ def choose_attention(backend: str, device: torch.device) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg, cli_overrides: tuple = ()):
-        """Data, model, optimizer and logger; resumed from a checkpoint if train.resume, or started from
-        one's weights if train.init_from. `cli_overrides`: the command line's key=value pairs (init_from
-        refuses model options that contradict the checkpoint's)."""
-        try:
-            check_options(cfg)
-        except TrainConfigError as e:
-            e.reported_by = 0  # every rank sees the same options: rank 0 says it
-            raise
-        self.cfg, self.info = cfg, init_distributed(cfg.train.device)
+    def __init__(self, plan: Plan):
+        """Carry out `plan` (training/plan.py, make_plan): lock out_dir first, then prepare the data, build the
+        model and optimizer, and load the state of train.resume's checkpoint or the weights of train.init_from's;
+        then record the config in out_dir and open the logger."""
+        self.info = init_distributed(plan.cfg.train.device)
         self.device = self.info.device
-        self.out_dir = Path(cfg.out_dir)
+        self.out_dir = Path(plan.cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        ckpt, pretrained = self._load_inputs(cli_overrides)
-        self.harness_tasks = self._load_eval_tasks()
+        self.lock = None
+        try:
+            self._lock_out_dir(plan.cfg.train)
+            ckpt, pretrained = self._load_inputs(plan)
+            self.harness_tasks = self._load_eval_tasks()
+            self._build_model(plan, ckpt, pretrained)
+            with fail_together(self.info):
+                if self.info.is_main:
+                    self._start_run_files(resumed=ckpt is not None)
+                self.logger = MetricsLogger(self.out_dir, self.config_dict, self.cfg.wandb, enabled=self.info.is_main,
+                                            resume_step=self.progress.step if self.cfg.train.resume else None)
+        except BaseException:
+            if self.lock is not None:  # out_dir as it was, and free again for the corrected command
+                release_out_dir(self.out_dir, self.lock, remove=self._created_lock)
+            raise
+        self.logger.summary({"params": self.raw_model.num_params(),
+                             "kv_bytes_per_token": self.model_cfg.kv_cache_bytes_per_token()})
+        self.tokens_per_step = self.cfg.train.batch_size * self.cfg.train.seq_len
+        self.started = time.time()
+        self.paused_s = 0.0  # seconds this process spent evaluating and saving (see timed)
+        # fit_schedule's measurement starts here, (step, elapsed, paused_s), then after this process's first step
+        self._first_step, self._measured_from = self.progress.step + 1, (self.progress.step, self.elapsed(), 0.0)
+        self._last_log = (self.progress.step, self.started)  # (step, time) of the last logged step
+        self.logged_tok_s = []  # tokens/s of each logged step, for the summary
 
+    def _lock_out_dir(self, t) -> None:
+        """Rank 0 locks out_dir before anything else (training/run_dir.py): a second run on it stops here, before
+        it prepares data or builds a model, and a folder holding a run is refused unless resumed or replaced."""
+        with fail_together(self.info):
+            if self.info.is_main:
+                self.lock, self._created_lock = claim_out_dir(self.out_dir, bool(t.resume), t.overwrite)
+
+    def _load_inputs(self, plan: Plan):
+        """The data, the run's config (the plan's, with the prepared tokenizer's vocabulary) and the checkpoint to
+        resume, checked against it: everything that can fail on bad input, checked on every rank before the first
+        collective. Returns (checkpoint to resume or None, init_from's checkpoint with rows for new tokens or None)."""
+        info = self.info
+        # An error on any rank is raised on every rank, so none waits forever. Rank 0 builds the token
+        # cache while the others wait, then they read it.
+        with fail_together(info):
+            if info.is_main:
+                self.data = prepare(plan.data)
+        with fail_together(info):
+            if not info.is_main:
+                self.data = load_prepared(plan.data_dir)
+            pretrained, self.added_tokens = plan.init_from, []
+            if pretrained is not None:  # data=chat adds the chat tokens to the checkpoint's tokenizer: rows for them
+                pretrained, self.added_tokens = add_new_tokens(pretrained, self.data.tokenizer)
+            vocab = self.data.vocab_size if pretrained is None else pretrained.config.vocab_size
+            self.cfg = OmegaConf.merge(plan.cfg, {"model": {"vocab_size": vocab}})  # a new config, read-only too
+            self.model_cfg = OmegaConf.to_object(self.cfg.model)  # validates: raises ConfigError on inconsistent dims
+            choose_attention(self.cfg.attention.backend, self.device)
+            self.config_dict = OmegaConf.to_container(self.cfg, resolve=True)
+            t = self.cfg.train
+            self.batches = self.data.train_batches(t.seq_len, t.batch_size, self.cfg.seed, info.rank, info.world_size)
+            check_val_split(self.data.val_batches(t.seq_len, t.batch_size, 1), self.cfg, info.world_size)
+            self.eval_tokens, self.eval_bytes = self.data.val_text_size(t.seq_len, t.batch_size, t.eval_batches)
+            ckpt = None if plan.resume is None else self._checkpoint_to_resume(plan.resume)
+        return ckpt, pretrained
+
+    def _checkpoint_to_resume(self, path: Path):
+        """The plan's checkpoint to continue from, with its trainer state, refused if resuming it would train
+        something else or delete later checkpoints (training/resume.py)."""
+        ckpt = load_checkpoint(path)
+        self._resume_state = ckpt.trainer_state()
+        check_later_checkpoints(self.cfg, self.ckpt_root, self._resume_state["step"])
+        notes = check_resume_compatible(ckpt.config, self.config_dict, self._resume_state["step"])
+        if self.info.is_main and notes:
+            print("note: " + "; ".join(notes))
+        return ckpt
+
+    def _build_model(self, plan: Plan, ckpt, pretrained) -> None:
+        """The model (random, init_from's weights, or the resumed checkpoint's), wrapped for DDP/FSDP, its
+        optimizer, the progress to start from, and the compiled model of the training steps if the plan says so."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.raw_model = Transformer(self.model_cfg, backend=cfg.attention.backend).to(self.device)
         if pretrained is not None and ckpt is None:
@@ -162,8 +206,8 @@ class Trainer:
                           "start as the mean of the known tokens' rows")
         # For MFU (training/metrics.py): counted before wrapping, as FSDP shards the weights it counts.
         self.flops_per_token = flops_per_token(self.raw_model, cfg.train.seq_len)
-        peak = peak_flops(self.device, cfg.train.peak_tflops)
-        self.peak_flops = peak * self.info.world_size if peak else None  # tokens/s is over all processes
+        # tokens/s is over all processes
+        self.peak_flops = plan.peak_flops * self.info.world_size if plan.peak_flops else None
         self.model = wrap_model(self.raw_model, self.info, cfg.train.parallel)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device.type)
         self.progress = Progress()
@@ -171,75 +215,20 @@ class Trainer:
             self._resume(ckpt)
         # The compiled model runs the training steps only: evaluation would compile a second (no-grad) graph,
         # 18 s on make train's model, for the few forward passes of each evaluation.
-        compile_ = compiles(cfg, self.device, self.info.distributed, self.flops_per_token, self.peak_flops)
-        self.fwd_model = compile_for_training(self.model, self.device) if compile_ else self.model
+        self.fwd_model = compile_for_training(self.model, self.device) if plan.compile else self.model
         # train.adaptive_threads (CPU only: training/config.py refuses it on a GPU): see train_step.
         self.threads = ThreadGovernor() if cfg.train.adaptive_threads and self.device.type == "cpu" else None
         # bf16 matmuls are slow on CPU: train in fp32 there.
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" \
             else contextlib.nullcontext
-        self.lock = None
-        with fail_together(self.info):
-            if self.info.is_main:
-                self._claim_out_dir(resumed=ckpt is not None)
-            self.logger = MetricsLogger(self.out_dir, self.config_dict, cfg.wandb, enabled=self.info.is_main,
-                                        resume_step=self.progress.step if cfg.train.resume else None)
-        self.logger.summary({"params": self.raw_model.num_params(),
-                             "kv_bytes_per_token": self.model_cfg.kv_cache_bytes_per_token()})
-        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-        self.started = time.time()
-        self.paused_s = 0.0  # seconds this process spent evaluating and saving (see timed)
-        # fit_schedule's measurement starts here, (step, elapsed, paused_s), then after this process's first step
-        self._first_step, self._measured_from = self.progress.step + 1, (self.progress.step, self.elapsed(), 0.0)
-        self._last_log = (self.progress.step, self.started)  # (step, time) of the last logged step
-        self.logged_tok_s = []  # tokens/s of each logged step, for the summary
 
-    def _load_inputs(self, cli_overrides):
-        """Data, model config, the checkpoint to resume and the one to start from (None, None for a new
-        run from scratch): everything that can fail on bad input, checked on every rank before the first
-        collective."""
-        cfg, info = self.cfg, self.info
-        # An error on any rank is raised on every rank, so none waits forever. Rank 0 builds the token
-        # cache while the others wait, then they read it.
-        pretrained, self.added_tokens = None, []
-        with fail_together(info):
-            if cfg.train.init_from:
-                pretrained = load_pretrained(cfg.train.init_from)
-                adopt_pretrained_config(cfg, pretrained, cli_overrides)
-            data_cfg = OmegaConf.to_object(cfg.data)
-            if info.is_main:
-                self.data = prepare(data_cfg)
-        ckpt = None
-        with fail_together(info):
-            if not info.is_main:
-                self.data = load_prepared(prepare(data_cfg).dir)
-            if pretrained is None:
-                cfg.model.vocab_size = self.data.vocab_size
-            else:  # data=chat adds the chat tokens to the checkpoint's tokenizer: the model grows rows for them
-                pretrained, self.added_tokens = add_new_tokens(cfg, pretrained, self.data.tokenizer)
-            self.model_cfg = OmegaConf.to_object(cfg.model)  # validates: raises ConfigError on inconsistent dims
-            check_train_config(cfg, self.model_cfg, info.world_size)
-            choose_attention(cfg.attention.backend, self.device)
-            self.config_dict = OmegaConf.to_container(cfg, resolve=True)
-            t = cfg.train
-            self.batches = self.data.train_batches(t.seq_len, t.batch_size, cfg.seed, info.rank, info.world_size)
-            check_val_split(self.data.val_batches(t.seq_len, t.batch_size, 1), cfg, info.world_size)
-            self.eval_tokens, self.eval_bytes = self.data.val_text_size(t.seq_len, t.batch_size, t.eval_batches)
-            ckpt = self._checkpoint_to_resume() if cfg.train.resume else None
-            if ckpt is not None:
-                self._resume_state = ckpt.trainer_state()
-                check_later_checkpoints(cfg, self.ckpt_root, self._resume_state["step"])
-                notes = check_resume_compatible(ckpt.config, self.config_dict, self._resume_state["step"])
-                if info.is_main and notes:
-                    print("note: " + "; ".join(notes))
-        return ckpt, pretrained
-
-    def _claim_out_dir(self, resumed: bool) -> None:
-        """Rank 0 locks out_dir and records the config there (training/run_dir.py); train.resume=auto without a
-        checkpoint starts over from step 0 in it. Then, once out_dir is ours, train.discard_later_checkpoints
-        deletes the checkpoints after the resumed step."""
+    def _start_run_files(self, resumed: bool) -> None:
+        """Rank 0, once the run is ready to start: train.overwrite deletes the previous run's files, the config is
+        recorded in out_dir (training/run_dir.py), and train.discard_later_checkpoints deletes the checkpoints
+        after the resumed step. (train.resume=auto without a checkpoint starts over from step 0 in out_dir.)"""
         t = self.cfg.train
-        self.lock = claim_out_dir(self.out_dir, resume=bool(t.resume), overwrite=t.overwrite)
+        if t.overwrite:
+            replace_run(self.out_dir)
         record_config(self.out_dir, self.cfg)
         if resumed and t.discard_later_checkpoints:
             for name in discard_later(self.ckpt_root, self.progress.step):
@@ -259,19 +248,6 @@ class Trainer:
                 return load_tasks(list(self.cfg.train.eval_tasks))
             except EvalError as e:
                 raise TrainConfigError(str(e)) from None
-
-    def _checkpoint_to_resume(self):
-        """train.resume=true: out_dir's latest checkpoint; auto: that or None (no checkpoint: start over);
-        PATH: that checkpoint or run folder."""
-        resume = self.cfg.train.resume
-        if resume == "auto" and not (self.ckpt_root / "latest").exists():
-            return None
-        if resume in (True, "auto"):
-            if not (self.ckpt_root / "latest").exists():
-                raise CheckpointError(f"train.resume=true but there is no checkpoint in {self.ckpt_root}: "
-                                      "point out_dir at the run to continue, or drop train.resume")
-            return load_checkpoint(self.ckpt_root / "latest")
-        return load_checkpoint(resume)
 
     def _resume(self, ckpt) -> None:
         state = self._resume_state
@@ -499,7 +475,7 @@ class Trainer:
     def close(self) -> None:
         """Release out_dir (another run may use it now) and leave the process group."""
         if self.lock is not None:
-            self.lock.close()
+            release_out_dir(self.out_dir, self.lock, remove=False)
             self.lock = None
         shutdown(self.info)
 
