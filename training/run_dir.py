@@ -7,6 +7,7 @@ holds a run's checkpoints or metrics, unless it continues it (train.resume) or r
 (conf/config.yaml stops Hydra from writing it before the checks).
 """
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -22,18 +23,20 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "wandb_run_id")  # what a run write
 
 
 def claim_out_dir(out_dir: Path, resume: bool, overwrite: bool):
-    """Create and lock `out_dir` for this process: (the open lock file, to keep open while training; whether this
-    call created it). A folder holding a run is refused unless this run continues it (resume) or replaces it
-    (overwrite: replace_run deletes it once the run is ready to start, so an error before then loses nothing)."""
+    """Create and lock `out_dir` for this process: (the open lock file, to keep open while training; the paths this
+    call created, the folder and/or the lock file, for release_out_dir to remove if the run fails to start). A
+    folder holding a run is refused unless this run continues it (resume) or replaces it (overwrite: replace_run
+    deletes it once the run is ready to start, so an error before then loses nothing)."""
+    created = [] if out_dir.exists() else [out_dir]
     out_dir.mkdir(parents=True, exist_ok=True)
-    created = not (out_dir / LOCK_FILE).exists()
+    created += [] if (out_dir / LOCK_FILE).exists() else [out_dir / LOCK_FILE]
     lock = _lock(out_dir / LOCK_FILE)
     if lock is None:
         raise TrainConfigError(f"another training run is using out_dir={out_dir}: wait for it to finish, "
                                "or choose another out_dir")
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
     if existing and not resume and not overwrite:
-        release_out_dir(out_dir, lock, remove=created)
+        release_out_dir(lock, created)
         raise TrainConfigError(f"out_dir={out_dir} already holds a run ({', '.join(existing)}): continue it with "
                                "train.resume=true, replace it with train.overwrite=true, or choose another out_dir")
     return lock, created
@@ -54,10 +57,15 @@ def _lock(path: Path):
         lock.close()
 
 
-def release_out_dir(out_dir: Path, lock, remove: bool) -> None:
-    """Unlock out_dir; remove: delete the lock file first (a run that failed to start leaves the folder as it was)."""
-    if remove:
-        (out_dir / LOCK_FILE).unlink(missing_ok=True)
+def release_out_dir(lock, created=()) -> None:
+    """Unlock out_dir, first removing what claim_out_dir created (`created`: a run that failed to start leaves no
+    trace); the folder only if nothing else was written into it meanwhile."""
+    for path in reversed(created):
+        if path.is_dir():
+            with contextlib.suppress(OSError):  # not empty: leave it
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
     lock.close()
 
 

@@ -131,7 +131,7 @@ class Trainer:
                                             resume_step=self.progress.step if self.cfg.train.resume else None)
         except BaseException:
             if self.lock is not None:  # out_dir as it was, and free again for the corrected command
-                release_out_dir(self.out_dir, self.lock, remove=self._created_lock)
+                release_out_dir(self.lock, self._created)
             raise
         self.logger.summary({"params": self.raw_model.num_params(),
                              "kv_bytes_per_token": self.model_cfg.kv_cache_bytes_per_token()})
@@ -148,7 +148,7 @@ class Trainer:
         it prepares data or builds a model, and a folder holding a run is refused unless resumed or replaced."""
         with fail_together(self.info):
             if self.info.is_main:
-                self.lock, self._created_lock = claim_out_dir(self.out_dir, bool(t.resume), t.overwrite)
+                self.lock, self._created = claim_out_dir(self.out_dir, bool(t.resume), t.overwrite)
 
     def _load_inputs(self, plan: Plan):
         """The data, the run's config (the plan's, with the prepared tokenizer's vocabulary) and the checkpoint to
@@ -475,7 +475,7 @@ class Trainer:
     def close(self) -> None:
         """Release out_dir (another run may use it now) and leave the process group."""
         if self.lock is not None:
-            release_out_dir(self.out_dir, self.lock, remove=False)
+            release_out_dir(self.lock)
             self.lock = None
         shutdown(self.info)
 
