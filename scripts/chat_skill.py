@@ -1,11 +1,14 @@
-"""A chat skill a small model learns in minutes on a CPU, checked exactly: read a price off a table in the system turn.
+"""A chat skill a small model learns in minutes on a CPU, checked exactly: adding two numbers below 100.
 
-    system:    Prices: apple 31, fig 4, lemon 77, pear 25, plum 9.
-    user:      How much is the pear?
-    assistant: 25
+    system:    You add numbers.
+    user:      What is 38 plus 47?
+    assistant: 85
+    user:      Add 6 and 90.
+    assistant: 96
 
-A fresh table for every conversation, so the answer cannot be memorised: the model has to find the item in the
-system turn and copy its number. Guessing one of the table's five prices is right 1 time in 5.
+One to three questions per conversation, in four wordings, with or without a system turn. The test set is scored
+on each conversation's last question, and asks only sums that no training conversation asks: a right answer
+is addition learned from the examples, not a line of the training data recalled.
 
     python -m scripts.chat_skill data --out chat_skill/            # train.jsonl and test.jsonl, seeded
     python -m scripts.chat_skill measure --out runs/chat_skill     # the table of docs/chat.md (about 10 minutes)
@@ -21,6 +24,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -28,28 +32,40 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ITEMS = ("apple", "pear", "plum", "fig", "lemon", "cherry", "grape", "peach", "melon", "orange", "onion", "bread",
-         "cheese", "wine", "ale", "salt", "honey", "butter", "egg", "fish", "bean", "nut", "rice", "milk")
-QUESTIONS = ("How much is the {item}?", "What does the {item} cost?", "What is the price of the {item}?")
-TABLE_SIZE, MAX_PRICE = 5, 99
+QUESTIONS = ("What is {a} plus {b}?", "What is {a} + {b}?", "Add {a} and {b}.", "{a} + {b} = ?")
+SYSTEMS = (None, "You add numbers.", "Answer with the sum.")
+MAX_TERM, MAX_TURNS = 99, 3
 
 
 def conversation(rng: random.Random) -> dict:
-    items = rng.sample(ITEMS, TABLE_SIZE)
-    prices = dict(zip(items, (rng.randint(1, MAX_PRICE) for _ in items)))
-    asked = rng.choice(items)
-    table = ", ".join(f"{item} {prices[item]}" for item in sorted(items))
-    return {"messages": [{"role": "system", "content": f"Prices: {table}."},
-                         {"role": "user", "content": rng.choice(QUESTIONS).format(item=asked)},
-                         {"role": "assistant", "content": str(prices[asked])}]}
+    """One to MAX_TURNS questions, each a sum of two numbers from 0 to MAX_TERM, each answered with the sum."""
+    system = rng.choice(SYSTEMS)
+    messages = [{"role": "system", "content": system}] if system else []
+    for _ in range(rng.randint(1, MAX_TURNS)):
+        a, b = rng.randint(0, MAX_TERM), rng.randint(0, MAX_TERM)
+        messages += [{"role": "user", "content": rng.choice(QUESTIONS).format(a=a, b=b)},
+                     {"role": "assistant", "content": str(a + b)}]
+    return {"messages": messages}
 
 
-def conversations(n: int, seed: int, exclude: tuple = ()) -> list[dict]:
-    """n conversations from `seed`, none equal to one in `exclude` (the test set leaves out the training set's)."""
-    rng, seen, out = random.Random(seed), {json.dumps(c) for c in exclude}, []
+def conversations(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [conversation(rng) for _ in range(n)]
+
+
+def sums_asked(c: dict) -> list[tuple[int, int]]:
+    """The (a, b) of each question of a conversation, in order."""
+    return [tuple(map(int, re.findall(r"\d+", m["content"]))) for m in c["messages"] if m["role"] == "user"]
+
+
+def held_out(n: int, seed: int, train: list[dict]) -> list[dict]:
+    """n conversations whose last question, the one scored, asks a sum no training conversation asks (in
+    that order): a right answer is addition, not a memorised line of the training data."""
+    seen = {s for c in train for s in sums_asked(c)}
+    rng, out = random.Random(seed), []
     while len(out) < n:
         c = conversation(rng)
-        if json.dumps(c) not in seen:
+        if sums_asked(c)[-1] not in seen:
             out.append(c)
     return out
 
@@ -57,7 +73,7 @@ def conversations(n: int, seed: int, exclude: tuple = ()) -> list[dict]:
 def write_data(out: Path, n_train: int, n_test: int, seed: int) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     train = conversations(n_train, seed)
-    test = conversations(n_test, seed + 1, exclude=tuple(train))
+    test = held_out(n_test, seed + 1, train)
     for name, convs in (("train", train), ("test", test)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
     return out / "train.jsonl", out / "test.jsonl"
@@ -135,8 +151,10 @@ def measure(args) -> str:
     train_file, test_file = write_data(out / "data", args.train, args.test, args.seed)
     base_s = train("model=tiny", f"train.max_steps={args.base_steps}", f"train.eval_every={args.base_steps}",
                    f"train.save_every={args.base_steps}", f"out_dir={out / 'base'}")
+    # Rows are one conversation each, padded to train.seq_len; these are under 80 tokens, so 96 rather than
+    # the preset's 256 (a third of the compute for the same conversations).
     sft_s = train("+experiment=sft", f"train.init_from={out / 'base'}", "data=chat", f"data.path={train_file}",
-                  f"train.max_steps={args.sft_steps}", f"out_dir={out / 'sft'}")
+                  f"train.max_steps={args.sft_steps}", "train.seq_len=96", f"out_dir={out / 'sft'}")
     tests = [json.loads(line) for line in test_file.read_text().splitlines()]
     t_eval = time.time()
     rows = evaluate(out / "base", out / "sft", tests)
@@ -148,7 +166,8 @@ def measure(args) -> str:
               f"--sft-steps {args.sft_steps} --write-docs"
     lines += ["", f"{len(tests)} held-out conversations, greedy, at most 16 new tokens. Base: {args.base_steps} "
               f"steps of `python train.py model=tiny` on the plays ({base_s / 60:.1f} min); fine-tuning: "
-              f"{args.sft_steps} steps of `+experiment=sft` on {args.train} conversations ({sft_s / 60:.1f} min); "
+              f"{args.sft_steps} steps of `+experiment=sft train.seq_len=96` on {args.train} conversations "
+              f"({sft_s / 60:.1f} min); "
               f"scoring {eval_s:.0f} s. Measured {date.today()} on {machine()}, load average {' '.join(load0)} at "
               f"the start and {' '.join(load1)} at the end, {(time.time() - t0) / 60:.1f} min in all, by "
               f"`{command}`."]
@@ -169,11 +188,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=["data", "measure"])
     ap.add_argument("--out", required=True, help="data: the folder of train.jsonl/test.jsonl; measure: the work folder")
-    ap.add_argument("--train", type=int, default=4000, help="training conversations")
+    ap.add_argument("--train", type=int, default=20000, help="training conversations")
     ap.add_argument("--test", type=int, default=200, help="held-out conversations")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-steps", type=int, default=150, help="measure: pretraining steps of the base model")
-    ap.add_argument("--sft-steps", type=int, default=300, help="measure: fine-tuning steps")
+    ap.add_argument("--sft-steps", type=int, default=600, help="measure: fine-tuning steps")
     ap.add_argument("--write-docs", action="store_true", help="measure: put the table into docs/chat.md")
     args = ap.parse_args(argv)
     if args.command == "data":

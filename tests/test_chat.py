@@ -255,7 +255,9 @@ def test_generation_stops_at_a_stop_token_and_keeps_it(use_cache):
 
 
 def test_long_conversations_are_counted_at_the_start(tmp_path, capsys):
-    short = conversations(12, seed=5)
+    short = [{"messages": [{"role": "system", "content": "You add numbers."},
+                           {"role": "user", "content": f"Add {i} and 1."},
+                           {"role": "assistant", "content": str(i + 1)}]} for i in range(12)]
     long_reply = {"messages": short[0]["messages"][:2] + [{"role": "assistant", "content": "many words " * 40}]}
     long_prompt = {"messages": [{"role": "system", "content": "a long table " * 40}] + short[1]["messages"][1:]}
     d = prepare(chat_cfg(tmp_path, path=write_jsonl(tmp_path / "c.jsonl", short + [long_reply, long_prompt]),
@@ -268,7 +270,7 @@ def test_long_conversations_are_counted_at_the_start(tmp_path, capsys):
     assert len(batches.keep) == 13 and 13 not in batches.keep  # the long prompt goes, the long reply is cut
 
 
-def test_the_skill_set_is_seeded_and_each_answer_is_the_tables_price(tmp_path):
+def test_the_skill_set_is_seeded_each_answer_is_the_sum_and_the_scored_sums_are_unseen(tmp_path):
     import re
 
     from scripts.chat_skill import write_data
@@ -278,9 +280,16 @@ def test_the_skill_set_is_seeded_and_each_answer_is_the_tables_price(tmp_path):
     assert train_file.read_bytes() == again.read_bytes()
     train = [json.loads(line) for line in train_file.read_text().splitlines()]
     test = [json.loads(line) for line in test_file.read_text().splitlines()]
-    assert len(train) == 300 and len(test) == 50 and not [c for c in test if c in train]
+    assert len(train) == 300 and len(test) == 50
+    asked_in_training = set()
     for c in train + test:
-        system, user, assistant = (m["content"] for m in c["messages"])
-        prices = dict(re.findall(r"(\w+) (\d+)", system.removeprefix("Prices: ")))
-        asked = [item for item in prices if re.search(rf"\b{item}\b", user)]
-        assert len(prices) == 5 and len(asked) == 1 and assistant == prices[asked[0]]
+        turns = [m for m in c["messages"] if m["role"] != "system"]
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2) and 2 <= len(turns) <= 6
+        for question, reply in zip(turns[::2], turns[1::2]):
+            a, b = (int(n) for n in re.findall(r"\d+", question["content"]))
+            assert 0 <= a <= 99 and 0 <= b <= 99 and reply["content"] == str(a + b)
+            if c in train:
+                asked_in_training.add((a, b))
+    for c in test:  # the scored question, the last, asks a sum no training conversation asks
+        last = [int(n) for n in re.findall(r"\d+", c["messages"][-2]["content"])]
+        assert tuple(last) not in asked_in_training
