@@ -269,9 +269,9 @@ class AsyncEngine:
             handle.send(up)
 
     def _publish(self) -> None:
-        core, st = self.core, self.core.stats
+        core, bm, st = self.core, self.core.bm, self.core.stats
         self.metrics.gauges = dict(
-            running=core.num_running, waiting=core.num_waiting, blocks_used=core.bm.num_used_blocks,
-            blocks_total=core.bm.num_blocks, prefix_query_tokens=core.bm.prefix_query_tokens,
-            prefix_hit_tokens=core.bm.prefix_hit_tokens, prompt_tokens=st.prefill_tokens,
+            running=len(core.scheduler.running), waiting=len(core.scheduler.waiting), blocks_used=bm.num_used_blocks,
+            blocks_total=bm.num_blocks, prefix_query_tokens=bm.prefix_query_tokens,
+            prefix_hit_tokens=bm.prefix_hit_tokens, prompt_tokens=st.prefill_tokens,
             decode_tokens=st.decode_tokens, decode_steps=st.decode_steps, preemptions=core.scheduler.num_preemptions)

@@ -208,14 +208,6 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
-
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[Event]:
         """Schedule, run one forward, sample, retire. Returns one event per sequence that ran."""
