@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from kernels.paged_attention_cpu import cpu_kernel_error
 from kernels.self_check import paged_decode_ok
 from model import ModelConfig
 
@@ -97,7 +98,7 @@ class PagedKVCache:
             return TritonAttention(self) if paged_decode_ok(self.device) else self.gather
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return self.gather
-        error = CpuKernelAttention.unavailable()
+        error = cpu_kernel_error()  # no C++ compiler, a failed build
         if error:
             warnings.warn(f"CPU paged-attention kernel unavailable ({error}); decoding through the slower "
                           "PyTorch gather path")
