@@ -249,15 +249,13 @@ async def stream(server: Server, job: Job, include_usage: bool, ticket: Ticket) 
     n = job.params.n
     updates = merged(server, job.prompts, job.params)
     try:
-        first = [await updates.__anext__()]
-    except StopAsyncIteration:
-        first = []
+        first = await anext(updates, None)
     except Exception as e:
         raise as_api_error(e) from None
 
     async def all_updates():
-        for item in first:
-            yield item
+        if first is not None:
+            yield first
         async for item in updates:
             yield item
 
