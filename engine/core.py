@@ -20,7 +20,7 @@ A KeyboardInterrupt is not caught here: whoever owns the requests aborts them (L
 """
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from itertools import count
 from typing import Optional
 
@@ -140,8 +140,7 @@ class GenerationStats:
 
     def since(self, before: "GenerationStats") -> "GenerationStats":
         """These figures minus the running totals of `before` (the rest as they are now)."""
-        now = {f.name: getattr(self, f.name) for f in fields(self)}
-        return GenerationStats(**{**now, **{k: now[k] - getattr(before, k) for k in self.COUNTERS}})
+        return replace(self, **{k: getattr(self, k) - getattr(before, k) for k in self.COUNTERS})
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -294,8 +293,6 @@ class EngineCore:
         for seq in self.scheduler.running:
             n = seq.num_computed_tokens
             for i, b in enumerate(seq.block_table):
-                f = min(bs, n - i * bs)
-                if f > fill.get(b, 0):
-                    fill[b] = f
+                fill[b] = max(fill.get(b, 0), min(bs, n - i * bs))
         self.stats.live_token_steps += sum(fill.values())
         self.stats.allocated_slot_steps += used * bs
