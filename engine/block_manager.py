@@ -176,14 +176,11 @@ class BlockManager:
 
     # ---- growth (decode) ------------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
-        """Whether the slot for seq's last token (position num_tokens - 1) can be made writable."""
-        return self.num_free_blocks >= self._blocks_to_append(seq)
-
-    def _blocks_to_append(self, seq: Sequence) -> int:
+        """Whether the slot for seq's last token (position num_tokens - 1) can be made writable: it needs
+        a free block if it starts a new block, or if its block is shared (copy-on-write)."""
         idx = (seq.num_tokens - 1) // self.block_size
-        if idx == len(seq.block_table):
-            return 1  # a new block
-        return 1 if self.ref_count[seq.block_table[idx]] > 1 else 0  # copy-on-write of a shared block
+        needs_block = idx == len(seq.block_table) or self.ref_count[seq.block_table[idx]] > 1
+        return self.num_free_blocks >= needs_block
 
     def append_slot(self, seq: Sequence) -> Optional[tuple[int, int]]:
         """Make position num_tokens - 1 writable; returns a (src, dst) block copy if it had to copy-on-write."""
