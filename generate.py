@@ -47,6 +47,8 @@ import random
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
+from itertools import count
 from pathlib import Path
 
 from engine.config import EngineConfig  # torch-free: --help stays fast
@@ -284,9 +286,6 @@ def check_chat_args(args) -> None:
 
 def chat(args) -> int:
     """--chat: read a message, stream the reply, keep both; until end of input (see the module docstring)."""
-    from dataclasses import replace
-    from itertools import count
-
     from checkpoint import load_chat_template
     from data.chat import PLAIN_STOP, end_of_turn_id
 
@@ -318,8 +317,6 @@ def chat(args) -> int:
 def chat_turn(llm, params, template, system: list, history: list, seed: int, turn: int) -> list:
     """Reply to the last message of `history`, streamed; the history to go on with (with the reply; without the
     turns left out to fit the context; without the message if it was refused or the reply stopped)."""
-    from dataclasses import replace
-
     from data.chat import prompt_ids
     from engine.sampler import request_seed
     from engine.text import TextStream

@@ -80,21 +80,18 @@ def new_request(index: int, prompt_ids: list[int], params: SamplingParams, max_s
     """A request with its first sample; seeded by params.seed, else by a seed drawn from torch's RNG."""
     seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
     seq = Sequence(next(seq_ids), index, 0, list(prompt_ids), len(prompt_ids), params,
-                   min(len(prompt_ids) + params.max_new_tokens, max_seq_len),
-                   generator=make_generator(seed, 0), seed=seed, forks_pending=params.n - 1)
-    seq.logits = [] if params.return_logits else None
+                   min(len(prompt_ids) + params.max_new_tokens, max_seq_len), generator=make_generator(seed, 0),
+                   seed=seed, forks_pending=params.n - 1, logits=[] if params.return_logits else None)
     return Request(index, list(prompt_ids), params, [seq])
 
 
 def fork_samples(parent: Sequence, seq_ids: count) -> list[Sequence]:
     """Samples 1..n-1 of parent's request: same tokens so far, each its own generator (seed, j)."""
-    children = []
-    for j in range(1, parent.forks_pending + 1):
-        child = Sequence(next(seq_ids), parent.request_index, j, list(parent.token_ids), parent.num_prompt_tokens,
+    children = [Sequence(next(seq_ids), parent.request_index, j, list(parent.token_ids), parent.num_prompt_tokens,
                          parent.params, parent.max_tokens, generator=make_generator(parent.seed, j), seed=parent.seed,
-                         status=Status.RUNNING, prompt_logprobs=parent.prompt_logprobs)
-        child.logits = [] if parent.params.return_logits else None
-        children.append(child)
+                         status=Status.RUNNING, prompt_logprobs=parent.prompt_logprobs,
+                         logits=[] if parent.params.return_logits else None)
+                for j in range(1, parent.forks_pending + 1)]
     parent.forks_pending = 0
     return children
 
