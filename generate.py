@@ -287,14 +287,13 @@ def check_chat_args(args) -> None:
 def chat(args) -> int:
     """--chat: read a message, stream the reply, keep both; until end of input (see the module docstring)."""
     from checkpoint import load_chat_template
-    from data.chat import PLAIN_STOP, end_of_turn_id
+    from server.chat import reply_ends  # where serve.py's chat replies end too
 
     seed, (params,) = sampling_params(args, 1)
     llm, _ = load_llm(args, engine_config(args))
     template = load_chat_template(args.ckpt)
-    end = end_of_turn_id(llm.tokenizer) if template else None
-    params = replace(params, stop=params.stop + ([] if template else [PLAIN_STOP]),
-                     stop_token_ids=[] if end is None else [end])
+    stops, stop_ids = reply_ends(template, llm.tokenizer)
+    params = replace(params, stop=params.stop + stops, stop_token_ids=stop_ids)
     llm.warmup(max_batch=1)
     how = "the checkpoint's chat template" if template else "no chat template: plain User:/Assistant: turns"
     print(f"chat: {how}, seed {seed}; /reset starts over, Ctrl-D ends", file=sys.stderr)
