@@ -21,7 +21,6 @@ from model import Transformer
 from model.attention import GroupedQueryAttention
 from model.llama import Block, SwiGLU
 
-from .cpu_speed import long_tensor
 from .kv_cache import PagedKVCache, StepInputs
 from .quantize import Int8Linear
 
@@ -59,9 +58,7 @@ class TorchDecode:
 
     @torch.inference_mode()
     def __call__(self, step: StepInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        self.cache.begin(step)
-        idx = long_tensor(step.token_ids, self.cache.device).unsqueeze(0)
-        pos = long_tensor(step.positions, self.cache.device).unsqueeze(0)
+        idx, pos = self.cache.begin(step)
         if not self.cache.hold_back:  # the backend wrote the new K/V layer by layer
             return self._logits(idx, pos), None
         if self.compiled:

@@ -19,7 +19,7 @@ import torch
 
 from model import Transformer
 
-from .cpu_speed import column_major_copy, long_tensor
+from .cpu_speed import column_major_copy
 from .decode import TorchDecode, fast_path
 from .kv_cache import PagedKVCache, StepInputs
 from .sampler import prompt_token_logprobs
@@ -71,9 +71,7 @@ class ModelRunner:
         """Logits of each sequence's last token. A sequence that needs its prompt log-probs (admitted
         without prefix hits over the positions it scores, so its query holds them) gets them here from the
         logits of those positions, one sequence at a time: only one [scored, vocab] tensor lives at once."""
-        self.cache.begin(step)
-        idx = long_tensor(step.token_ids, self.device).unsqueeze(0)
-        pos = long_tensor(step.positions, self.device).unsqueeze(0)
+        idx, pos = self.cache.begin(step)
         h = self.model.hidden_states(idx, pos, self.cache)[0]  # [T, dim]
         start = 0
         for seq, n in zip(seqs, step.query_lens):
