@@ -323,8 +323,7 @@ async def unless_disconnected(request: Request, work):
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-        if not task.done():
-            task.cancel()
+        task.cancel()  # no-op once it is done
         await asyncio.gather(task, watch, return_exceptions=True)
     return None if task.cancelled() else task.result()
 
