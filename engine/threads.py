@@ -19,6 +19,7 @@ Linux only; elsewhere (no /proc) the thread count is left as torch set it.
 import math
 import os
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -39,7 +40,7 @@ def cgroup_cpu_limit() -> Optional[float]:
     """CPUs' worth of time this process's cgroup may use (cgroup v2 cpu.max, e.g. "200000 100000" is
     2.0; `docker --cpus`), or None without a quota. Inside a container the cgroup is usually the
     root of its own /sys/fs/cgroup, hence the fallback to the root."""
-    try:
+    with suppress(OSError, ValueError):  # unreadable or malformed: no quota we know of
         with open(PROC_CGROUP) as f:
             path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), None)
         if path is None:
@@ -48,8 +49,6 @@ def cgroup_cpu_limit() -> Optional[float]:
             if (folder / "cpu.max").exists():
                 quota, period = (folder / "cpu.max").read_text().split()
                 return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
     return None
 
 
