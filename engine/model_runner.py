@@ -38,13 +38,11 @@ class ModelRunner:
         self.model = column_major_copy(model) if column_major else model
         self.decode = fast or TorchDecode(self.model, cache, compile)  # the one decode path of this runner
         self.cache = cache
-        self.block_size = cache.block_size
-        self.device = cache.device
 
     def step_inputs(self, seqs: list[Sequence], is_prefill: bool) -> StepInputs:
         """The step's inputs: for each sequence the tokens from its first uncomputed one (at most its
         last: a decode step, or a prompt fully served by the prefix cache, recomputes that one token)."""
-        bs = self.block_size
+        bs = self.cache.block_size
         ids, positions, slots, tables, context_lens, query_lens = [], [], [], [], [], []
         for seq in seqs:  # plain appends to local lists: this runs every decode step
             n, done, table = seq.num_tokens, seq.num_computed_tokens, seq.block_table
@@ -82,5 +80,5 @@ class ModelRunner:
                 seq.prompt_logprobs = prompt_token_logprobs(logits, seq.token_ids[:p], seq.params.prompt_logprobs,
                                                             first)
             start += n
-        last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1  # each sequence's last token
+        last = torch.tensor(step.query_lens, device=self.cache.device).cumsum(0) - 1  # each sequence's last token
         return self.model.lm_head(h.index_select(0, last)).float()
