@@ -306,8 +306,7 @@ class LLM:
             samples = []
             for seq in sorted(req.seqs, key=lambda s: s.sample_index):
                 text = self.decode(seq.output_token_ids)
-                if text is not None and seq.stop_text_len is not None:
-                    text = text[:seq.stop_text_len]
+                text = None if text is None else text[:seq.stop_text_len]  # cut before a stop string, if one ended it
                 logits = torch.stack(seq.logits) if seq.logits else None
                 samples.append(CompletionOutput(seq.sample_index, seq.output_token_ids, text, seq.finish_reason,
                                                 logits))
