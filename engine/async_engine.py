@@ -222,11 +222,8 @@ class AsyncEngine:
 
     def _drain_inbox(self) -> None:
         aborted = 0
-        while True:
-            try:
-                kind, handle = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        while not self._inbox.empty():  # this thread is its only reader: once not empty, it stays so until read
+            kind, handle = self._inbox.get_nowait()
             if kind == "add":
                 try:
                     handle.index = self.core.add_request(handle.prompt_ids, handle.params).index

@@ -244,8 +244,7 @@ class BlockManager:
         used = {b for b in range(self.num_blocks) if self.ref_count[b] > 0}
         assert not (used & (plain | cached)), "a referenced block is on a free list"
         assert len(plain) + len(cached) + len(used) == self.num_blocks, "free + used != total"
-        for b in range(self.num_blocks):
-            assert self.ref_count[b] >= 0, f"negative refcount on block {b}"
+        for b in range(self.num_blocks):  # held[b] >= 0, so no refcount is negative
             assert self.ref_count[b] == held[b], f"block {b}: refcount {self.ref_count[b]} but {held[b]} holders"
         for b in cached:
             assert self.block_key[b] is not None and self.key_to_block.get(self.block_key[b]) == b

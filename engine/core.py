@@ -157,14 +157,12 @@ class GenerationStats:
         return self.live_token_steps / self.allocated_slot_steps if self.allocated_slot_steps else 1.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(prefill_tokens_per_s=round(self.prefill_tokens_per_s, 2),
-                 decode_tokens_per_s=round(self.decode_tokens_per_s, 2),
-                 prefix_hit_rate=round(self.prefix_hit_rate, 4),
-                 kv_memory_utilization=round(self.kv_memory_utilization, 4),
-                 internal_fragmentation=round(1 - self.kv_memory_utilization, 4),
-                 prefill_time=round(self.prefill_time, 4), decode_time=round(self.decode_time, 4))
-        return d
+        return dict(asdict(self), prefill_tokens_per_s=round(self.prefill_tokens_per_s, 2),
+                    decode_tokens_per_s=round(self.decode_tokens_per_s, 2),
+                    prefix_hit_rate=round(self.prefix_hit_rate, 4),
+                    kv_memory_utilization=round(self.kv_memory_utilization, 4),
+                    internal_fragmentation=round(1 - self.kv_memory_utilization, 4),
+                    prefill_time=round(self.prefill_time, 4), decode_time=round(self.decode_time, 4))
 
 
 class EngineCore:
