@@ -269,8 +269,7 @@ def print_outputs(args, prompts, outs, seed: int, stats: dict) -> None:
 
 
 def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    print(text, end="", flush=True)
 
 
 def check_chat_args(args) -> None:

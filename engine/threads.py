@@ -99,11 +99,9 @@ class ThreadGovernor:
         self.max_threads = min(max_threads or torch.get_num_threads(), math.ceil(limit or self.cores))
         self.interval = interval
         self.enabled = os.path.exists(PROC_STAT) and os.path.exists("/proc/self/stat")
-        self.threads = torch.get_num_threads()  # as last decided
         self._ncpu = 0  # CPUs of ours /proc/stat listed at the last sample
         self._last = self._sample() if self.enabled else None
         self._next = time.monotonic() + interval
-        self.changes = 0  # how often the count moved (reported by benchmarks)
 
     def _sample(self) -> tuple[int, int, int]:
         busy, total, self._ncpu = _cpu_ticks(self.cpus)
@@ -120,12 +118,10 @@ class ThreadGovernor:
     def update(self) -> int:
         """Call once per step; re-decides at most once per `interval` seconds. Returns the thread count."""
         if not self.enabled or time.monotonic() < self._next:
-            return self.threads
+            return torch.get_num_threads()
         now = self._sample()
         want = threads_for(self.cores, self.others_busy(self._last, now), self.max_threads)
         self._last, self._next = now, time.monotonic() + self.interval
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
-            self.changes += 1
-        self.threads = want
         return want
