@@ -94,10 +94,6 @@ class EngineMetrics:
         yield GaugeMetricFamily("smallllm_prefix_cache_hit_rate", "Prefix-cache hits over prompt tokens looked up.",
                                 value=g["prefix_hit_tokens"] / q if q else 0.0)
 
-    def value(self, name: str) -> float:
-        """One figure as /metrics shows it (tests)."""
-        return self.registry.get_sample_value(name)
-
 
 class _Handle:
     """One request as the engine thread tracks it: where its updates go, its timing."""
