@@ -46,6 +46,9 @@ import os
 import random
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import replace
+from itertools import count
 from pathlib import Path
 
 from engine.config import EngineConfig  # torch-free: --help stays fast
@@ -97,6 +100,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 class InputError(ValueError):
     """Bad command-line input: reported as one line, exit code 2."""
+
+
+@contextmanager
+def bad_input(kind=ValueError):
+    """A `kind` raised inside (the one-line ValueErrors of the engine and the checkpoint loader) as an
+    InputError."""
+    try:
+        yield
+    except kind as e:
+        raise InputError(str(e)) from None
 
 
 def read_prompt_file(name: str) -> list[str]:
@@ -151,10 +164,8 @@ def check_args(args) -> EngineConfig:
 
 def engine_config(args) -> EngineConfig:
     """EngineConfig.from_cli_args, its ValueError as a one-line InputError (generate.py, serve.py)."""
-    try:
+    with bad_input():
         return EngineConfig.from_cli_args(args)
-    except ValueError as e:
-        raise InputError(str(e)) from None
 
 
 def sampling_params(args, n_prompts: int):
@@ -163,27 +174,22 @@ def sampling_params(args, n_prompts: int):
     from engine.sampler import request_seed
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
-    try:
+    with bad_input():
         return seed, [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                      max_new_tokens=args.max_new_tokens, stop=args.stop or [],
                                      ignore_eos=args.ignore_eos, seed=request_seed(seed, r), n=args.num_samples)
                       for r in range(n_prompts)]
-    except ValueError as e:
-        raise InputError(str(e)) from None
 
 
 def load_llm(args, config: EngineConfig):
     """The LLM for the command line, and the seconds its loading took (the checkpoint, and the C++
     kernels: built on first use, loaded on every run)."""
-    from checkpoint import CheckpointError
     from engine import LLM
 
     t0 = time.perf_counter()
-    try:
+    with bad_input():  # a missing or corrupt checkpoint (CheckpointError), an option this machine lacks
         llm = LLM(args.ckpt, config=config)
-    except (CheckpointError, ValueError) as e:
-        raise InputError(str(e)) from None
     return llm, time.perf_counter() - t0
 
 
@@ -197,10 +203,8 @@ def run(args) -> int:
 
     seed, params = sampling_params(args, len(prompts))
     llm, load_s = load_llm(args, config)
-    try:
+    with bad_input():
         prompt_ids = llm.encode_prompts(prompts)
-    except ValueError as e:
-        raise InputError(str(e)) from None
     ctx = llm.cfg.max_seq_len
     for i, ids in enumerate(prompt_ids):
         if len(ids) + args.max_new_tokens > ctx:
@@ -213,10 +217,8 @@ def run(args) -> int:
         stream = TextStream(llm.decode, params[0].stop)
         _write(prompts[0])
         on_token = lambda i, j, token_ids: _write(stream.push(token_ids))  # noqa: E731
-    try:
+    with bad_input(RequestTooLarge):
         outs = llm.generate(prompt_ids, params, on_token=on_token)
-    except RequestTooLarge as e:
-        raise InputError(str(e)) from None
     if args.stream:
         _write(stream.finish(outs[0].text) + "\n")
     if args.seed is None:  # said after the run: a bad-input error stays one line
@@ -231,29 +233,20 @@ def run(args) -> int:
     return 0
 
 
+# The figures of GenerationStats.to_dict() that --json prints, in this order; blocks_used and blocks_total are
+# its blocks_used_peak and num_blocks.
+STATS_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "blocks_used", "blocks_total", "block_size",
+              "kv_bytes_per_token", "kv_dtype", "kv_bytes_per_token_full_kv", "prefix_hit_rate", "preemptions",
+              "kv_memory_utilization", "cow_copies", "prefill_tokens", "decode_tokens")
+
+
 def stats_dict(stats, args, load_s: float, warmup_s: float) -> dict:
     """The figures --json prints and the summary line on stderr repeats. Tokens/s are the generation
     steps' alone: loading (checkpoint, kernels) and the warm-up (first-call costs, --compile's
     compilation) are timed apart."""
-    return {
-        "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 2),
-        "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
-        "blocks_used": stats.blocks_used_peak,
-        "blocks_total": stats.num_blocks,
-        "block_size": stats.block_size,
-        "kv_bytes_per_token": stats.kv_bytes_per_token,
-        "kv_dtype": stats.kv_dtype,
-        "kv_bytes_per_token_full_kv": stats.kv_bytes_per_token_full_kv,
-        "prefix_hit_rate": round(stats.prefix_hit_rate, 4),
-        "preemptions": stats.preemptions,
-        "kv_memory_utilization": round(stats.kv_memory_utilization, 4),
-        "cow_copies": stats.cow_copies,
-        "prefill_tokens": stats.prefill_tokens,
-        "decode_tokens": stats.decode_tokens,
-        "cache": args.use_cache,
-        "load_s": round(load_s, 2),
-        "warmup_s": round(warmup_s, 2),
-    }
+    d = {**stats.to_dict(), "blocks_used": stats.blocks_used_peak, "blocks_total": stats.num_blocks}
+    return {**{k: d[k] for k in STATS_KEYS}, "cache": args.use_cache, "load_s": round(load_s, 2),
+            "warmup_s": round(warmup_s, 2)}
 
 
 def print_outputs(args, prompts, outs, seed: int, stats: dict) -> None:
@@ -276,8 +269,7 @@ def print_outputs(args, prompts, outs, seed: int, stats: dict) -> None:
 
 
 def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    print(text, end="", flush=True)
 
 
 def check_chat_args(args) -> None:
@@ -293,18 +285,14 @@ def check_chat_args(args) -> None:
 
 def chat(args) -> int:
     """--chat: read a message, stream the reply, keep both; until end of input (see the module docstring)."""
-    from dataclasses import replace
-    from itertools import count
-
     from checkpoint import load_chat_template
-    from data.chat import PLAIN_STOP, end_of_turn_id
+    from server.chat import reply_ends  # where serve.py's chat replies end too
 
     seed, (params,) = sampling_params(args, 1)
     llm, _ = load_llm(args, engine_config(args))
     template = load_chat_template(args.ckpt)
-    end = end_of_turn_id(llm.tokenizer) if template else None
-    params = replace(params, stop=params.stop + ([] if template else [PLAIN_STOP]),
-                     stop_token_ids=[] if end is None else [end])
+    stops, stop_ids = reply_ends(template, llm.tokenizer)
+    params = replace(params, stop=params.stop + stops, stop_token_ids=stop_ids)
     llm.warmup(max_batch=1)
     how = "the checkpoint's chat template" if template else "no chat template: plain User:/Assistant: turns"
     print(f"chat: {how}, seed {seed}; /reset starts over, Ctrl-D ends", file=sys.stderr)
@@ -327,8 +315,6 @@ def chat(args) -> int:
 def chat_turn(llm, params, template, system: list, history: list, seed: int, turn: int) -> list:
     """Reply to the last message of `history`, streamed; the history to go on with (with the reply; without the
     turns left out to fit the context; without the message if it was refused or the reply stopped)."""
-    from dataclasses import replace
-
     from data.chat import prompt_ids
     from engine.sampler import request_seed
     from engine.text import TextStream

@@ -93,18 +93,16 @@ def check_args(args) -> EngineConfig:
 
 def load(args, config: EngineConfig):
     """(the app's state, its app) for the command line's checkpoint, engine options and limits."""
-    from generate import InputError
+    from generate import bad_input
 
-    from checkpoint import CheckpointError, load_chat_template
+    from checkpoint import load_chat_template
     from engine import LLM
     from server.app import MAX_BODY_BYTES, Server, create_app
 
-    try:
+    with bad_input():  # a missing or corrupt checkpoint (CheckpointError), an option this machine lacks
         llm = LLM(args.ckpt, config=config)
         template = load_chat_template(args.ckpt)
         name = args.served_model_name or default_model_name(args.ckpt)
-    except (CheckpointError, ValueError) as e:
-        raise InputError(str(e)) from None
     state = Server(llm, name, args.max_queue, template, args.max_body_bytes or MAX_BODY_BYTES)
     return state, create_app(state)
 

@@ -94,10 +94,6 @@ class EngineMetrics:
         yield GaugeMetricFamily("smallllm_prefix_cache_hit_rate", "Prefix-cache hits over prompt tokens looked up.",
                                 value=g["prefix_hit_tokens"] / q if q else 0.0)
 
-    def value(self, name: str) -> float:
-        """One figure as /metrics shows it (tests)."""
-        return self.registry.get_sample_value(name)
-
 
 class _Handle:
     """One request as the engine thread tracks it: where its updates go, its timing."""
@@ -222,11 +218,8 @@ class AsyncEngine:
 
     def _drain_inbox(self) -> None:
         aborted = 0
-        while True:
-            try:
-                kind, handle = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        while not self._inbox.empty():  # this thread is its only reader: once not empty, it stays so until read
+            kind, handle = self._inbox.get_nowait()
             if kind == "add":
                 try:
                     handle.index = self.core.add_request(handle.prompt_ids, handle.params).index
@@ -269,9 +262,9 @@ class AsyncEngine:
             handle.send(up)
 
     def _publish(self) -> None:
-        core, st = self.core, self.core.stats
+        core, bm, st = self.core, self.core.bm, self.core.stats
         self.metrics.gauges = dict(
-            running=core.num_running, waiting=core.num_waiting, blocks_used=core.bm.num_used_blocks,
-            blocks_total=core.bm.num_blocks, prefix_query_tokens=core.bm.prefix_query_tokens,
-            prefix_hit_tokens=core.bm.prefix_hit_tokens, prompt_tokens=st.prefill_tokens,
+            running=len(core.scheduler.running), waiting=len(core.scheduler.waiting), blocks_used=bm.num_used_blocks,
+            blocks_total=bm.num_blocks, prefix_query_tokens=bm.prefix_query_tokens,
+            prefix_hit_tokens=bm.prefix_hit_tokens, prompt_tokens=st.prefill_tokens,
             decode_tokens=st.decode_tokens, decode_steps=st.decode_steps, preemptions=core.scheduler.num_preemptions)

@@ -30,13 +30,6 @@ class CpuKernelAttention:
     def __init__(self, cache):
         self.cache = cache
 
-    @staticmethod
-    def unavailable() -> "str | None":
-        """Why the kernel cannot be used here (no C++ compiler, a failed build), or None."""
-        from kernels.paged_attention_cpu import cpu_kernel_error
-
-        return cpu_kernel_error()
-
     def plan(self, step, tables: torch.Tensor) -> KernelPlan:
         assert not step.is_prefill, "prefill runs on the gather path"
         return KernelPlan(tables, long_tensor(step.context_lens, self.cache.device))

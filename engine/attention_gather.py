@@ -20,6 +20,7 @@ becomes extra query rows (or SDPA's enable_gqa, for the unmasked causal case).
 """
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Optional
 
 import torch
@@ -99,14 +100,11 @@ class GatherAttention:
 
     def _plan_prefill(self, step, tables: torch.Tensor) -> GatherPlan:
         q_lens, ctx_lens = step.query_lens, step.context_lens
-        starts, acc = [], 0
-        for q in q_lens:
-            starts.append(acc)
-            acc += q
+        starts = list(accumulate(q_lens, initial=0))  # sequence i's tokens are rows starts[i]..starts[i + 1] - 1
         plan = GatherPlan([self._prefill_group(m, tables, q_lens, ctx_lens, starts) for m in _group(q_lens, ctx_lens)])
         if len(plan.groups) == 1:  # one group covering every token in order: no scatter needed
             g = plan.groups[0]
-            if torch.equal(g.out_rows, torch.arange(acc, device=self.cache.device)):
+            if torch.equal(g.out_rows, torch.arange(starts[-1], device=self.cache.device)):
                 g.out_rows = None
                 if g.causal:
                     g.q_rows = None

@@ -49,8 +49,6 @@ def block_hash(parent_key: bytes, tokens: tuple) -> bytes:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
@@ -178,14 +176,11 @@ class BlockManager:
 
     # ---- growth (decode) ------------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
-        """Whether the slot for seq's last token (position num_tokens - 1) can be made writable."""
-        return self.num_free_blocks >= self._blocks_to_append(seq)
-
-    def _blocks_to_append(self, seq: Sequence) -> int:
+        """Whether the slot for seq's last token (position num_tokens - 1) can be made writable: it needs
+        a free block if it starts a new block, or if its block is shared (copy-on-write)."""
         idx = (seq.num_tokens - 1) // self.block_size
-        if idx == len(seq.block_table):
-            return 1  # a new block
-        return 1 if self.ref_count[seq.block_table[idx]] > 1 else 0  # copy-on-write of a shared block
+        needs_block = idx == len(seq.block_table) or self.ref_count[seq.block_table[idx]] > 1
+        return self.num_free_blocks >= needs_block
 
     def append_slot(self, seq: Sequence) -> Optional[tuple[int, int]]:
         """Make position num_tokens - 1 writable; returns a (src, dst) block copy if it had to copy-on-write."""
@@ -249,8 +244,7 @@ class BlockManager:
         used = {b for b in range(self.num_blocks) if self.ref_count[b] > 0}
         assert not (used & (plain | cached)), "a referenced block is on a free list"
         assert len(plain) + len(cached) + len(used) == self.num_blocks, "free + used != total"
-        for b in range(self.num_blocks):
-            assert self.ref_count[b] >= 0, f"negative refcount on block {b}"
+        for b in range(self.num_blocks):  # held[b] >= 0, so no refcount is negative
             assert self.ref_count[b] == held[b], f"block {b}: refcount {self.ref_count[b]} but {held[b]} holders"
         for b in cached:
             assert self.block_key[b] is not None and self.key_to_block.get(self.block_key[b]) == b

@@ -20,7 +20,7 @@ A KeyboardInterrupt is not caught here: whoever owns the requests aborts them (L
 """
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from itertools import count
 from typing import Optional
 
@@ -80,21 +80,18 @@ def new_request(index: int, prompt_ids: list[int], params: SamplingParams, max_s
     """A request with its first sample; seeded by params.seed, else by a seed drawn from torch's RNG."""
     seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
     seq = Sequence(next(seq_ids), index, 0, list(prompt_ids), len(prompt_ids), params,
-                   min(len(prompt_ids) + params.max_new_tokens, max_seq_len),
-                   generator=make_generator(seed, 0), seed=seed, forks_pending=params.n - 1)
-    seq.logits = [] if params.return_logits else None
+                   min(len(prompt_ids) + params.max_new_tokens, max_seq_len), generator=make_generator(seed, 0),
+                   seed=seed, forks_pending=params.n - 1, logits=[] if params.return_logits else None)
     return Request(index, list(prompt_ids), params, [seq])
 
 
 def fork_samples(parent: Sequence, seq_ids: count) -> list[Sequence]:
     """Samples 1..n-1 of parent's request: same tokens so far, each its own generator (seed, j)."""
-    children = []
-    for j in range(1, parent.forks_pending + 1):
-        child = Sequence(next(seq_ids), parent.request_index, j, list(parent.token_ids), parent.num_prompt_tokens,
+    children = [Sequence(next(seq_ids), parent.request_index, j, list(parent.token_ids), parent.num_prompt_tokens,
                          parent.params, parent.max_tokens, generator=make_generator(parent.seed, j), seed=parent.seed,
-                         status=Status.RUNNING, prompt_logprobs=parent.prompt_logprobs)
-        child.logits = [] if parent.params.return_logits else None
-        children.append(child)
+                         status=Status.RUNNING, prompt_logprobs=parent.prompt_logprobs,
+                         logits=[] if parent.params.return_logits else None)
+                for j in range(1, parent.forks_pending + 1)]
     parent.forks_pending = 0
     return children
 
@@ -140,8 +137,7 @@ class GenerationStats:
 
     def since(self, before: "GenerationStats") -> "GenerationStats":
         """These figures minus the running totals of `before` (the rest as they are now)."""
-        now = {f.name: getattr(self, f.name) for f in fields(self)}
-        return GenerationStats(**{**now, **{k: now[k] - getattr(before, k) for k in self.COUNTERS}})
+        return replace(self, **{k: getattr(self, k) - getattr(before, k) for k in self.COUNTERS})
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -161,14 +157,12 @@ class GenerationStats:
         return self.live_token_steps / self.allocated_slot_steps if self.allocated_slot_steps else 1.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(prefill_tokens_per_s=round(self.prefill_tokens_per_s, 2),
-                 decode_tokens_per_s=round(self.decode_tokens_per_s, 2),
-                 prefix_hit_rate=round(self.prefix_hit_rate, 4),
-                 kv_memory_utilization=round(self.kv_memory_utilization, 4),
-                 internal_fragmentation=round(1 - self.kv_memory_utilization, 4),
-                 prefill_time=round(self.prefill_time, 4), decode_time=round(self.decode_time, 4))
-        return d
+        return dict(asdict(self), prefill_tokens_per_s=round(self.prefill_tokens_per_s, 2),
+                    decode_tokens_per_s=round(self.decode_tokens_per_s, 2),
+                    prefix_hit_rate=round(self.prefix_hit_rate, 4),
+                    kv_memory_utilization=round(self.kv_memory_utilization, 4),
+                    internal_fragmentation=round(1 - self.kv_memory_utilization, 4),
+                    prefill_time=round(self.prefill_time, 4), decode_time=round(self.decode_time, 4))
 
 
 class EngineCore:
@@ -207,14 +201,6 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -302,8 +288,6 @@ class EngineCore:
         for seq in self.scheduler.running:
             n = seq.num_computed_tokens
             for i, b in enumerate(seq.block_table):
-                f = min(bs, n - i * bs)
-                if f > fill.get(b, 0):
-                    fill[b] = f
+                fill[b] = max(fill.get(b, 0), min(bs, n - i * bs))
         self.stats.live_token_steps += sum(fill.values())
         self.stats.allocated_slot_steps += used * bs

@@ -11,6 +11,7 @@ tests/test_decode_paths.py runs every path against full recompute on every model
 """
 
 import warnings
+from itertools import accumulate, chain
 from typing import Optional, Protocol
 
 import torch
@@ -20,7 +21,6 @@ from model import Transformer
 from model.attention import GroupedQueryAttention
 from model.llama import Block, SwiGLU
 
-from .cpu_speed import long_tensor
 from .kv_cache import PagedKVCache, StepInputs
 from .quantize import Int8Linear
 
@@ -39,9 +39,7 @@ class TorchDecode:
 
     def __init__(self, model: Transformer, cache: PagedKVCache, compile: bool = False):
         """compile=True: the step under torch.compile (CPU; two graphs, batch 1 and batch >= 2, sizes are
-        dynamic after that), which sets two global compiler options."""
-        if compile and cache.device.type != "cpu":
-            raise ValueError("compile=True compiles the CPU decode path; on CUDA decoding uses the Triton paged kernel")
+        dynamic after that), which sets two global compiler options. (EngineConfig refuses compile off CPU.)"""
         self.model, self.cache, self.compiled, self._step = model, cache, compile, self._decode_step
         if compile:
             import torch._dynamo
@@ -60,9 +58,7 @@ class TorchDecode:
 
     @torch.inference_mode()
     def __call__(self, step: StepInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        self.cache.begin(step)
-        idx = long_tensor(step.token_ids, self.cache.device).unsqueeze(0)
-        pos = long_tensor(step.positions, self.cache.device).unsqueeze(0)
+        idx, pos = self.cache.begin(step)
         if not self.cache.hold_back:  # the backend wrote the new K/V layer by layer
             return self._logits(idx, pos), None
         if self.compiled:
@@ -139,10 +135,8 @@ class CppDecode:
     def __call__(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         # One C++ call that records no autograd: entering inference mode (a few Python frames,
         # ~25 us right after the step has streamed the weights through the caches) buys nothing.
-        tables, starts = [], []
-        for t in step.block_tables:  # one flat list: sequence i's table starts at starts[i]
-            starts.append(len(tables))
-            tables += t
+        tables = list(chain.from_iterable(step.block_tables))  # one flat list: sequence i's table starts at starts[i]
+        starts = list(accumulate(map(len, step.block_tables), initial=0))[:-1]
         return self.model.step(step.token_ids, step.positions, step.slot_mapping, tables, starts, self.cache.k_buf,
                                self.cache.v_buf)
 

@@ -15,9 +15,9 @@ One forward over the cache, in four steps (the runner makes calls 1, 2 and 4; th
   1. `StepInputs` says what the step computes: each sequence's block table, context length and
      number of new tokens, and each new token's id, position and slot. ModelRunner builds it
      (`step_inputs`), the one place where a batch of sequences becomes indices.
-  2. `cache.begin(step)` turns it into the tensors the attention backend reads (the write rows, the
-     padded block tables, the backend's own plan: gather rows and masks, int32 tables), once per
-     step rather than once per layer.
+  2. `cache.begin(step)` turns it into the tensors the forward and the attention backend read (the
+     new tokens' ids and positions, which it returns; the write rows, the padded block tables, the
+     backend's own plan: gather rows and masks, int32 tables), once per step rather than once per layer.
   3. The model's forward calls `cache.attend(layer, q, k, v, scale)` once per layer with the new
      tokens' projections, packed [T, heads, dim]. The new K/V go to their slots first, then every
      new token attends to its sequence's whole context, read back from the cache (a prefill's new
@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from kernels.paged_attention_cpu import cpu_kernel_error
 from kernels.self_check import paged_decode_ok
 from model import ModelConfig
 
@@ -97,7 +98,7 @@ class PagedKVCache:
             return TritonAttention(self) if paged_decode_ok(self.device) else self.gather
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return self.gather
-        error = CpuKernelAttention.unavailable()
+        error = cpu_kernel_error()  # no C++ compiler, a failed build
         if error:
             warnings.warn(f"CPU paged-attention kernel unavailable ({error}); decoding through the slower "
                           "PyTorch gather path")
@@ -130,8 +131,9 @@ class PagedKVCache:
             self.v_buf[:, dst] = self.v_buf[:, src]
 
     # ---- the protocol -----------------------------------------------------------------------------
-    def begin(self, step: StepInputs) -> None:
-        """Build the step's tensors: which buffer rows the new K/V go to, and the backend's plan."""
+    def begin(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build the step's tensors: which buffer rows the new K/V go to, and the backend's plan. Returns the
+        forward's inputs: the new tokens' ids and positions, [1, T] each."""
         bs, H, dev = self.block_size, self.n_kv_heads, self.device
         slots, self.write_rows = step.slot_mapping, None
         if min(slots) < 0:
@@ -143,6 +145,7 @@ class PagedKVCache:
         self.hold_back = not step.is_prefill and self.backend.holds_back
         self.plan = self.backend.plan(step, self.block_tables(step))
         self._held_k, self._held_v = [], []
+        return long_tensor(step.token_ids, dev).unsqueeze(0), long_tensor(step.positions, dev).unsqueeze(0)
 
     def block_tables(self, step: StepInputs) -> torch.Tensor:
         """The step's block tables [S, blocks of the longest context], padded with block 0 (masked, or

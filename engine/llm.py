@@ -22,11 +22,13 @@ effectively capped at max_seq_len - prompt tokens).
 import copy
 import os
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from itertools import count
 from typing import Callable, Optional, Union
 
 import torch
+from tqdm import tqdm
 
 from checkpoint import load_model
 from data.config import EOT
@@ -193,18 +195,9 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        bar = None
-        if use_tqdm:
-            from tqdm import tqdm
-            bar = tqdm(total=sum(p.n for p in params), desc="generate", unit="seq")
-        try:
-            if self.config.use_cache:
-                requests = self._generate_cached(prompt_ids, params, bar, on_token)
-            else:
-                requests = self._generate_no_cache(prompt_ids, params, bar, on_token)
-        finally:
-            if bar is not None:
-                bar.close()
+        run = self._generate_cached if self.config.use_cache else self._generate_no_cache
+        with tqdm(total=sum(p.n for p in params), desc="generate", unit="seq", disable=not use_tqdm) as bar:
+            requests = run(prompt_ids, params, bar, on_token)
         return self._outputs(prompts, requests)
 
     def warmup(self, max_batch: int = 2) -> float:
@@ -219,10 +212,8 @@ class LLM:
         greedy = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True, seed=0)
         for batch in (1, 2) if max_batch > 1 else (1,):
             for prompt in (short, long):
-                try:
+                with suppress(RequestTooLarge):  # a cache too small to hold it never runs a step of that shape
                     self.generate([prompt] * batch, greedy)
-                except RequestTooLarge:
-                    pass  # a cache too small to hold it never runs a step of that shape
         return time.perf_counter() - t0
 
     def _static_stats(self) -> GenerationStats:
@@ -259,8 +250,7 @@ class LLM:
                     if on_token is not None:
                         on_token(position[ev.request.index], ev.seq.sample_index, ev.seq.output_token_ids)
                     left -= ev.finished
-                    if bar is not None and ev.finished:
-                        bar.update(1)
+                    bar.update(ev.finished)
         except BaseException:
             for r in requests:
                 core.abort(r.index)
@@ -306,8 +296,7 @@ class LLM:
             st.decode_time += time.perf_counter() - t0
             st.decode_tokens += len(active)
             st.steps += 1
-            if bar is not None:
-                bar.update(len(active) - len(still))
+            bar.update(len(active) - len(still))
             active = still
         return requests
 
@@ -317,8 +306,7 @@ class LLM:
             samples = []
             for seq in sorted(req.seqs, key=lambda s: s.sample_index):
                 text = self.decode(seq.output_token_ids)
-                if text is not None and seq.stop_text_len is not None:
-                    text = text[:seq.stop_text_len]
+                text = None if text is None else text[:seq.stop_text_len]  # cut before a stop string, if one ended it
                 logits = torch.stack(seq.logits) if seq.logits else None
                 samples.append(CompletionOutput(seq.sample_index, seq.output_token_ids, text, seq.finish_reason,
                                                 logits))

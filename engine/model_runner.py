@@ -19,7 +19,7 @@ import torch
 
 from model import Transformer
 
-from .cpu_speed import column_major_copy, long_tensor
+from .cpu_speed import column_major_copy
 from .decode import TorchDecode, fast_path
 from .kv_cache import PagedKVCache, StepInputs
 from .sampler import prompt_token_logprobs
@@ -38,13 +38,11 @@ class ModelRunner:
         self.model = column_major_copy(model) if column_major else model
         self.decode = fast or TorchDecode(self.model, cache, compile)  # the one decode path of this runner
         self.cache = cache
-        self.block_size = cache.block_size
-        self.device = cache.device
 
     def step_inputs(self, seqs: list[Sequence], is_prefill: bool) -> StepInputs:
         """The step's inputs: for each sequence the tokens from its first uncomputed one (at most its
         last: a decode step, or a prompt fully served by the prefix cache, recomputes that one token)."""
-        bs = self.block_size
+        bs = self.cache.block_size
         ids, positions, slots, tables, context_lens, query_lens = [], [], [], [], [], []
         for seq in seqs:  # plain appends to local lists: this runs every decode step
             n, done, table = seq.num_tokens, seq.num_computed_tokens, seq.block_table
@@ -71,9 +69,7 @@ class ModelRunner:
         """Logits of each sequence's last token. A sequence that needs its prompt log-probs (admitted
         without prefix hits over the positions it scores, so its query holds them) gets them here from the
         logits of those positions, one sequence at a time: only one [scored, vocab] tensor lives at once."""
-        self.cache.begin(step)
-        idx = long_tensor(step.token_ids, self.device).unsqueeze(0)
-        pos = long_tensor(step.positions, self.device).unsqueeze(0)
+        idx, pos = self.cache.begin(step)
         h = self.model.hidden_states(idx, pos, self.cache)[0]  # [T, dim]
         start = 0
         for seq, n in zip(seqs, step.query_lens):
@@ -84,5 +80,5 @@ class ModelRunner:
                 seq.prompt_logprobs = prompt_token_logprobs(logits, seq.token_ids[:p], seq.params.prompt_logprobs,
                                                             first)
             start += n
-        last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1  # each sequence's last token
+        last = torch.tensor(step.query_lens, device=self.cache.device).cumsum(0) - 1  # each sequence's last token
         return self.model.lm_head(h.index_select(0, last)).float()

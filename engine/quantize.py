@@ -80,16 +80,14 @@ def quantize_int8(model: nn.Module, head: bool = True) -> nn.Module:
 
         warnings.warn(f"int8: the C++ kernel is unavailable ({error}); using dequantized F.linear, "
                       "which is slower than fp32", stacklevel=2)
-    skip = {"lm_head"} if not head else set()
-    if getattr(getattr(model, "cfg", None), "attention", None) == "mla":
-        skip |= {name for name, _ in model.named_modules() if name.endswith("attn.wkv_b")}
+    skip = {name for name, _ in model.named_modules() if name.endswith("attn.wkv_b")}  # MLA only: kept fp32
+    if not head:
+        skip.add("lm_head")
     quantized = copy.deepcopy(model)
     for name, module in list(quantized.named_modules()):
         if not isinstance(module, nn.Linear) or name in skip:
             continue
         if module.bias is not None:
             raise ValueError(f"quantize_int8: {name} has a bias; Int8Linear computes x @ W^T * scale only")
-        parent_name, _, attr = name.rpartition(".")
-        parent = quantized.get_submodule(parent_name) if parent_name else quantized
-        setattr(parent, attr, Int8Linear(module.weight))
+        quantized.set_submodule(name, Int8Linear(module.weight))
     return quantized

@@ -125,13 +125,10 @@ class Sampler:
         if sampled:
             tokens = self._draw(logits, tokens, params, generators, sampled)
         tokens = tokens.tolist()
-        logprobs: list[Optional[TokenLogprobs]] = [None] * len(params)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if want:
-            found = token_logprobs(raw[want], [tokens[i] for i in want], [params[i].logprobs for i in want])
-            for i, lp in zip(want, found):
-                logprobs[i] = lp
-        return tokens, logprobs
+        found = token_logprobs(raw[want], [tokens[i] for i in want], [params[i].logprobs for i in want]) if want else []
+        logprobs = dict(zip(want, found))
+        return tokens, [logprobs.get(i) for i in range(len(params))]
 
     @torch.inference_mode()
     def _draw(self, logits: torch.Tensor, tokens: torch.Tensor, params: Seq[SamplingParams],
@@ -154,7 +151,6 @@ class Sampler:
         u = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled]).to(dev)
         drawn = sample_from_probs(probs, u)
         if len(sampled) == len(params):
-            tokens = drawn
-        else:
-            tokens[torch.tensor(sampled, device=dev)] = drawn
+            return drawn
+        tokens[torch.tensor(sampled, device=dev)] = drawn
         return tokens

@@ -110,23 +110,19 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
+    def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Record the step's computed K/V and sampled tokens; retire and free finished sequences."""
         finished = []
         for seq, tok in zip(seqs, tokens):
             self.bm.mark_computed(seq, seq.num_tokens)
             seq.token_ids.append(tok)
-            if self.check_finished(seq, tok):
+            if check_finished(seq, tok, self.eos_token_id, self.stop_checker):
                 finished.append(seq)
+        for seq in finished:
+            seq.status = Status.FINISHED
+            self.bm.free(seq)
         if finished:
-            for seq in finished:
-                seq.status = Status.FINISHED
-                self.bm.free(seq)
             self.running = deque(s for s in self.running if s.status is Status.RUNNING)
-        return finished
-
-    def check_finished(self, seq: Sequence, tok: int) -> bool:
-        return check_finished(seq, tok, self.eos_token_id, self.stop_checker)
 
 
 def check_finished(seq: Sequence, tok: int, eos_token_id: Optional[int],

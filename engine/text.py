@@ -46,17 +46,13 @@ class TextStream:
         # A stop string that starts in text already returned would have been found then: the held-back
         # characters are where any new one starts.
         cut = find_stop(self.pending, self.stops)
-        if cut is not None:
-            self.stopped = True
-        return self._take(len(self.pending) - self.hold if cut is None else cut)
+        self.stopped = cut is not None
+        n = max(len(self.pending) - self.hold if cut is None else cut, 0)
+        piece, self.pending = self.pending[:n], self.pending[n:]
+        self.sent += n
+        return piece
 
     def finish(self, final_text: str) -> str:
         new = final_text[self.sent:]
         self.sent, self.pending = max(self.sent, len(final_text)), ""
         return new
-
-    def _take(self, n: int) -> str:
-        piece = self.pending[:max(n, 0)]
-        self.pending = self.pending[len(piece):]
-        self.sent += len(piece)
-        return piece

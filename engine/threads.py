@@ -19,6 +19,7 @@ Linux only; elsewhere (no /proc) the thread count is left as torch set it.
 import math
 import os
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -39,7 +40,7 @@ def cgroup_cpu_limit() -> Optional[float]:
     """CPUs' worth of time this process's cgroup may use (cgroup v2 cpu.max, e.g. "200000 100000" is
     2.0; `docker --cpus`), or None without a quota. Inside a container the cgroup is usually the
     root of its own /sys/fs/cgroup, hence the fallback to the root."""
-    try:
+    with suppress(OSError, ValueError):  # unreadable or malformed: no quota we know of
         with open(PROC_CGROUP) as f:
             path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), None)
         if path is None:
@@ -48,8 +49,6 @@ def cgroup_cpu_limit() -> Optional[float]:
             if (folder / "cpu.max").exists():
                 quota, period = (folder / "cpu.max").read_text().split()
                 return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
     return None
 
 
@@ -100,11 +99,9 @@ class ThreadGovernor:
         self.max_threads = min(max_threads or torch.get_num_threads(), math.ceil(limit or self.cores))
         self.interval = interval
         self.enabled = os.path.exists(PROC_STAT) and os.path.exists("/proc/self/stat")
-        self.threads = torch.get_num_threads()  # as last decided
         self._ncpu = 0  # CPUs of ours /proc/stat listed at the last sample
         self._last = self._sample() if self.enabled else None
         self._next = time.monotonic() + interval
-        self.changes = 0  # how often the count moved (reported by benchmarks)
 
     def _sample(self) -> tuple[int, int, int]:
         busy, total, self._ncpu = _cpu_ticks(self.cpus)
@@ -121,12 +118,10 @@ class ThreadGovernor:
     def update(self) -> int:
         """Call once per step; re-decides at most once per `interval` seconds. Returns the thread count."""
         if not self.enabled or time.monotonic() < self._next:
-            return self.threads
+            return torch.get_num_threads()
         now = self._sample()
         want = threads_for(self.cores, self.others_busy(self._last, now), self.max_threads)
         self._last, self._next = now, time.monotonic() + self.interval
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
-            self.changes += 1
-        self.threads = want
         return want

@@ -249,15 +249,13 @@ async def stream(server: Server, job: Job, include_usage: bool, ticket: Ticket) 
     n = job.params.n
     updates = merged(server, job.prompts, job.params)
     try:
-        first = [await updates.__anext__()]
-    except StopAsyncIteration:
-        first = []
+        first = await anext(updates, None)
     except Exception as e:
         raise as_api_error(e) from None
 
     async def all_updates():
-        for item in first:
-            yield item
+        if first is not None:
+            yield first
         async for item in updates:
             yield item
 
@@ -325,8 +323,7 @@ async def unless_disconnected(request: Request, work):
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-        if not task.done():
-            task.cancel()
+        task.cancel()  # no-op once it is done
         await asyncio.gather(task, watch, return_exceptions=True)
     return None if task.cancelled() else task.result()
 

@@ -110,16 +110,12 @@ def parse(model: type[BaseModel], body: bytes) -> BaseModel:
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
-        raise validation_error(model, e) from None
-
-
-def validation_error(model: type[BaseModel], e: ValidationError) -> APIError:
-    err = e.errors(include_url=False)[0]
+        err = e.errors(include_url=False)[0]
     loc = [str(part) for part in err["loc"]]
     if err["type"].startswith("json") or not loc:
-        return APIError(400, f"the request body is not a valid JSON object ({err['msg']})")
+        raise APIError(400, f"the request body is not a valid JSON object ({err['msg']})")
     param = loc[0]
     field = model.model_fields.get(param)
     if field is not None and field.description:  # a union: pydantic's message is about one of its branches
-        return APIError(400, f"'{param}' must be {field.description}", param=param)
-    return APIError(400, f"'{'.'.join(loc)}': {err['msg']}", param=param)
+        raise APIError(400, f"'{param}' must be {field.description}", param=param)
+    raise APIError(400, f"'{'.'.join(loc)}': {err['msg']}", param=param)
