@@ -80,7 +80,7 @@ def loop(t: Trainer, signals: StopOnSignal) -> dict:
     bar = tqdm(total=t.max_steps, initial=t.progress.step, desc="train", dynamic_ncols=True, disable=not show_bar)
 
     last_eval, stopped_by = None, None
-    while t.progress.step < t.max_steps:
+    while stopped_by is None and t.progress.step < t.max_steps:  # a stopped run ends after this step's save
         stats = t.train_step()
         step = t.progress.step
         fitted = t.fit_schedule()  # with train.max_minutes: the schedule's length, once, after the warmup
@@ -107,8 +107,6 @@ def loop(t: Trainer, signals: StopOnSignal) -> dict:
         best = last_eval is not None and last_eval["step"] == step and last_eval["improved"]
         if step % c.save_every == 0 or done or best or timing:
             t.save(best=best)
-        if stopped_by is not None:
-            break
 
     bar.close()
     summary = {**t.finish(last_eval), "stopped_by": stopped_by}

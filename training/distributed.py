@@ -48,14 +48,12 @@ class DistInfo:
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
-    if name in ("auto", "cuda"):
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{local_rank}")  # one GPU per process under torchrun
-        if name == "auto":
-            return torch.device("cpu")
+    """train.device as a torch device: auto is this process's GPU if there is one, else the CPU."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainConfigError(f"train.device={name} but CUDA is not available: use train.device=cpu (or auto)")
-    return torch.device(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)  # one GPU per process under torchrun
 
 
 def init_distributed(device: torch.device) -> DistInfo:
@@ -165,23 +163,13 @@ def forward_is_collective(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-@contextlib.contextmanager
 def gradient_sync(model: torch.nn.Module, enabled: bool):
-    """Backward inside this block reduces gradients across ranks only if `enabled` (the last
-    micro-batch of a step); otherwise they accumulate locally (DDP no_sync, FSDP2 requires_gradient_sync)."""
-    if enabled:
-        yield
-    elif hasattr(model, "no_sync"):
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
+    """The context of one micro-batch's backward: it reduces gradients across ranks only if `enabled` (the last
+    micro-batch of a step); otherwise they accumulate locally (DDP's no_sync; FSDP2's requires_gradient_sync, set
+    for each micro-batch: the last one turns it back on)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    return model.no_sync() if not enabled and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

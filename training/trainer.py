@@ -207,7 +207,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train, self.device.type)
         self.progress = Progress()
         if ckpt is not None:
-            self._resume(ckpt)
+            state = self._resume_state
+            load_full_state(self.model, self.optimizer, ckpt.model_state, state["optimizer"])  # collective under FSDP
+            restore_rng_state(state["rng"])
+            self.progress = Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
+            if self.info.is_main:
+                print(f"resumed from {ckpt.dir} at step {self.progress.step}")
         # The compiled model runs the training steps only: evaluation would compile a second (no-grad) graph,
         # 18 s on make train's model, for the few forward passes of each evaluation.
         self.fwd_model = compile_for_training(self.model, self.device) if plan.compile else self.model
@@ -238,14 +243,6 @@ class Trainer:
 
                 return load_tasks(list(self.cfg.train.eval_tasks))
         return None
-
-    def _resume(self, ckpt) -> None:
-        state = self._resume_state
-        load_full_state(self.model, self.optimizer, ckpt.model_state, state["optimizer"])  # collective under FSDP
-        restore_rng_state(state["rng"])
-        self.progress = Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
-        if self.info.is_main:
-            print(f"resumed from {ckpt.dir} at step {self.progress.step}")
 
     def elapsed(self) -> float:
         """Seconds of training in this run, resumed-from runs included."""
