@@ -209,20 +209,15 @@ def typed(allowed: tuple) -> list[str]:
     return [str(c).lower() if isinstance(c, bool) else c for c in allowed]
 
 
-def _writable(path: Path) -> bool:
-    """Whether `path` can be created or written: the nearest existing ancestor must be a writable folder."""
-    p = path.resolve()
-    while not p.exists():
-        p = p.parent
-    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
-
-
 def check_folder(option: str, value: str) -> None:
     """A folder the run writes into: it must be (or become) a writable folder."""
     path = Path(os.path.expanduser(value))
     if path.exists() and not path.is_dir():
         raise TrainConfigError(f"{option}={value} is a file: choose a folder")
-    if not _writable(path):
+    nearest = path.resolve()  # it can be created or written if its nearest existing ancestor is a writable folder
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
         raise TrainConfigError(f"{option}={value} cannot be written (read-only or not a folder): "
                                f"choose a writable {option}")
 
