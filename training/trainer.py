@@ -118,7 +118,6 @@ class Trainer:
                     self.lock, self._created = claim_out_dir(self.out_dir, bool(plan.cfg.train.resume),
                                                              plan.cfg.train.overwrite)
             ckpt, pretrained = self._load_inputs(plan)
-            self.harness_tasks = self._load_eval_tasks()
             self._build_model(plan, ckpt, pretrained)
             with fail_together(self.info):
                 if self.info.is_main:
@@ -140,8 +139,8 @@ class Trainer:
         self.logged_tok_s = []  # tokens/s of each logged step, for the summary
 
     def _load_inputs(self, plan: Plan):
-        """The data, the run's config (the plan's, with the prepared tokenizer's vocabulary) and the checkpoint to
-        resume, checked against it: everything that can fail on bad input, checked on every rank before the first
+        """The data, the run's config (the plan's, with the prepared tokenizer's vocabulary), the checkpoint to
+        resume, checked against it, and train.eval_tasks: everything that can fail on bad input, checked on every rank before the first
         collective. Returns (checkpoint to resume or None, init_from's checkpoint with rows for new tokens or None)."""
         info = self.info
         # An error on any rank is raised on every rank, so none waits forever. Rank 0 builds the token
@@ -171,6 +170,13 @@ class Trainer:
             check_val_split(self.data.val_batches(t.seq_len, t.batch_size, 1), self.cfg, info.world_size)
             self.eval_tokens, self.eval_bytes = self.data.val_text_size(t.seq_len, t.batch_size, t.eval_batches)
             ckpt = None if plan.resume is None else self._checkpoint_to_resume(plan.resume)
+            # train.eval_tasks, loaded once by rank 0, which scores them: (task manager, tasks) or None. A bad task
+            # stops the run here (train.py prints its EvalError as one line).
+            self.harness_tasks = None
+            if t.eval_tasks and info.is_main:
+                from evaluation.harness import load_tasks
+
+                self.harness_tasks = load_tasks(list(t.eval_tasks))
         return ckpt, pretrained
 
     def _checkpoint_to_resume(self, path: Path):
@@ -233,16 +239,6 @@ class Trainer:
         if resumed and t.discard_later_checkpoints:
             for name in discard_later(self.ckpt_root, self.progress.step):
                 print(f"train.discard_later_checkpoints=true: deleted {self.ckpt_root / name}")
-
-    def _load_eval_tasks(self):
-        """train.eval_tasks, loaded once by rank 0, which scores them: (task manager, tasks) or None. A bad
-        task stops the run before its first step (train.py prints its EvalError as one line)."""
-        with fail_together(self.info):
-            if self.cfg.train.eval_tasks and self.info.is_main:
-                from evaluation.harness import load_tasks
-
-                return load_tasks(list(self.cfg.train.eval_tasks))
-        return None
 
     def elapsed(self) -> float:
         """Seconds of training in this run, resumed-from runs included."""
