@@ -17,9 +17,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from checkpoint import CheckpointError
 from data import DataError
+from evaluation import EvalError
 from model import ConfigError
 from training.ablation import register_resolvers
 from training.config import check_folder, register_configs
@@ -74,29 +76,23 @@ def loop(t: Trainer, signals: StopOnSignal) -> dict:
     c, main = t.cfg.train, t.info.is_main
     if main:
         print(t.describe())
-    bar = None
-    if main and c.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.max_steps, initial=t.progress.step, desc="train", dynamic_ncols=True)
+    show_bar = main and c.progress
+    bar = tqdm(total=t.max_steps, initial=t.progress.step, desc="train", dynamic_ncols=True, disable=not show_bar)
 
     last_eval, stopped_by = None, None
-    while t.progress.step < t.max_steps:
+    while stopped_by is None and t.progress.step < t.max_steps:  # a stopped run ends after this step's save
         stats = t.train_step()
         step = t.progress.step
         fitted = t.fit_schedule()  # with train.max_minutes: the schedule's length, once, after the warmup
         if fitted and main:
-            (bar.write if bar is not None else print)(fitted)
-            if bar is not None:
-                bar.total = t.max_steps
+            bar.write(fitted)  # print's line, above the bar if there is one
+            bar.total = t.max_steps
         timing = t.times_costs()  # before that fit: this step evaluates and saves, to time both
         if step % c.log_every == 0 or step == t.max_steps:
             record = t.log_step(stats)
-            if bar is not None:
-                mfu = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
-                bar.set_postfix(loss=f"{stats['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", **mfu)
-        if bar is not None:
-            bar.update(1)
+            mfu = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+            bar.set_postfix(loss=f"{stats['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", **mfu)
+        bar.update(1)
         # Each rank has its own clock and signals: decide together, or the others would wait forever.
         signalled = any_rank(signals.requested is not None, t.info)
         out_of_time = c.max_minutes is not None and any_rank(t.elapsed() >= c.max_minutes * 60, t.info)
@@ -106,16 +102,13 @@ def loop(t: Trainer, signals: StopOnSignal) -> dict:
         done = step == t.max_steps or stopped_by is not None
         if step % c.eval_every == 0 or ((done or timing) and not signalled):  # a signal wants out quickly: save only
             last_eval = t.evaluate()
-            if bar is not None:
+            if show_bar:
                 bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, bits/byte {last_eval['val_bpb']:.4f}")
         best = last_eval is not None and last_eval["step"] == step and last_eval["improved"]
         if step % c.save_every == 0 or done or best or timing:
             t.save(best=best)
-        if stopped_by is not None:
-            break
 
-    if bar is not None:
-        bar.close()
+    bar.close()
     summary = {**t.finish(last_eval), "stopped_by": stopped_by}
     if main and last_eval is not None and "sample" in last_eval:
         print(f"\nsample at step {t.progress.step}:\n{last_eval['sample']}\n")
@@ -126,7 +119,7 @@ def loop(t: Trainer, signals: StopOnSignal) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg)
-    except (ConfigError, TrainConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, TrainConfigError, DataError, CheckpointError, EvalError, TrainingError) as e:
         if reports_error(e):  # under torchrun: an error that every rank raised is printed once
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -140,12 +140,13 @@ def test_fail_together(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(textwrap.dedent(f"""
         import json, sys
+        import torch
         sys.path.insert(0, {str(ROOT)!r})
         from data import DataError
         from model import ConfigError
         from training.distributed import any_rank, fail_together, init_distributed, shutdown
 
-        info = init_distributed("cpu")
+        info = init_distributed(torch.device("cpu"))
 
         class Unpicklable(Exception):
             def __reduce__(self):
@@ -240,7 +241,7 @@ def test_muon_on_fsdp_shards_steps_like_one_process(tmp_path):
                 p.grad = distribute_tensor(g, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else g
             opt.step()
 
-        info = init_distributed("cpu")
+        info = init_distributed(torch.device("cpu"))
         torch.manual_seed(1)
         grads = [[torch.randn(s) for s in SHAPES] for _ in range(3)]
         (sharded, opt), (whole, whole_opt) = build(fsdp=True), build(fsdp=False)

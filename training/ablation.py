@@ -88,9 +88,7 @@ def sweep_group(prefix: str) -> str:
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("matched_ffn_dim"):
-        OmegaConf.register_new_resolver("matched_ffn_dim", _resolve)
-    if not OmegaConf.has_resolver("matched_kv_lora_rank"):
-        OmegaConf.register_new_resolver("matched_kv_lora_rank", _resolve_kv)
-    if not OmegaConf.has_resolver("sweep_group"):
-        OmegaConf.register_new_resolver("sweep_group", sweep_group)
+    # replace=True: a second registration (train.py and scripts/ablation_report.py both register) is no error
+    OmegaConf.register_new_resolver("matched_ffn_dim", _resolve, replace=True)
+    OmegaConf.register_new_resolver("matched_kv_lora_rank", _resolve_kv, replace=True)
+    OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)

@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from data.config import DataConfig
-from evaluation import EvalError, require_harness
+from evaluation import require_harness
 from model.attention import BACKENDS
 from model.config import ModelConfig
 
@@ -95,21 +95,18 @@ class TrainConfig:
     def validate(self) -> None:
         """Each option's range and choice, and those that exclude each other: one error naming the option."""
         check_choices("train", self)
-        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
-                     "log_every", "keep_checkpoints"):
-            if getattr(self, name) <= 0:
-                raise TrainConfigError(f"train.{name}={getattr(self, name)} must be positive")
-        for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "sample_tokens"):
-            if getattr(self, name) < 0:
-                raise TrainConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
-        for name, ok, rng in (("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
-                              ("decay_fraction", 0 < self.decay_fraction <= 1, "in (0, 1]"),
-                              ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)")):
+        rules = [(name, getattr(self, name) > 0, "positive") for name in ("max_steps", "batch_size", "seq_len",
+                 "grad_accum", "eval_every", "eval_batches", "save_every", "log_every", "keep_checkpoints")]
+        rules += [(name, getattr(self, name) >= 0, ">= 0")
+                  for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "sample_tokens")]
+        rules += [("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                  ("decay_fraction", 0 < self.decay_fraction <= 1, "in (0, 1]"),
+                  ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)")]
+        rules += [(name, getattr(self, name) is None or getattr(self, name) > 0, f"positive (or null {without})")
+                  for name, without in (("peak_tflops", "to estimate it"), ("max_minutes", "for no time budget"))]
+        for name, ok, rule in rules:  # the first rule broken, in this order
             if not ok:
-                raise TrainConfigError(f"train.{name}={getattr(self, name)} must be {rng}")
-        for name, without in (("peak_tflops", "to estimate it"), ("max_minutes", "for no time budget")):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise TrainConfigError(f"train.{name}={getattr(self, name)} must be positive (or null {without})")
+                raise TrainConfigError(f"train.{name}={getattr(self, name)} must be {rule}")
         if self.discard_later_checkpoints and self.resume in (False, True, "auto"):
             raise TrainConfigError("train.discard_later_checkpoints=true applies to train.resume=PATH (a checkpoint "
                                    f"folder), not train.resume={self.resume}: drop it, or name the checkpoint to "
@@ -180,10 +177,7 @@ class Config:
             if t.parallel == "fsdp":
                 raise TrainConfigError("train.eval_tasks scores the whole model on one process, which "
                                        "train.parallel=fsdp shards: use train.parallel=ddp or drop train.eval_tasks")
-            try:
-                require_harness("train.eval_tasks")
-            except EvalError as e:
-                raise TrainConfigError(str(e)) from None
+            require_harness("train.eval_tasks")  # an EvalError: train.py prints it as it prints ours
         check_folder("out_dir", self.out_dir)
         check_folder("data.cache_dir", self.data.cache_dir)
         if t.batch_size % (world_size * t.grad_accum):
@@ -215,20 +209,15 @@ def typed(allowed: tuple) -> list[str]:
     return [str(c).lower() if isinstance(c, bool) else c for c in allowed]
 
 
-def _writable(path: Path) -> bool:
-    """Whether `path` can be created or written: the nearest existing ancestor must be a writable folder."""
-    p = path.resolve()
-    while not p.exists():
-        p = p.parent
-    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
-
-
 def check_folder(option: str, value: str) -> None:
     """A folder the run writes into: it must be (or become) a writable folder."""
     path = Path(os.path.expanduser(value))
     if path.exists() and not path.is_dir():
         raise TrainConfigError(f"{option}={value} is a file: choose a folder")
-    if not _writable(path):
+    nearest = path.resolve()  # it can be created or written if its nearest existing ancestor is a writable folder
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
         raise TrainConfigError(f"{option}={value} cannot be written (read-only or not a folder): "
                                f"choose a writable {option}")
 

@@ -35,7 +35,6 @@ COORDINATION_TIMEOUT = timedelta(hours=12)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
     cpu_group: Optional[Any] = field(default=None, repr=False)  # gloo group for object collectives
 
@@ -49,25 +48,18 @@ class DistInfo:
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
-    if name in ("auto", "cuda"):
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{local_rank}")  # one GPU per process under torchrun
-        if name == "auto":
-            return torch.device("cpu")
+    """train.device as a torch device: auto is this process's GPU if there is one, else the CPU."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainConfigError(f"train.device={name} but CUDA is not available: use train.device=cpu (or auto)")
-    return torch.device(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)  # one GPU per process under torchrun
 
 
-def init_distributed(device_name: str) -> DistInfo:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR... in the environment)."""
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR... in the environment), training on
+    `device` (the plan's, pick_device's choice for this process)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    try:
-        device = pick_device(device_name, local_rank)
-    except TrainConfigError as e:
-        e.reported_by = 0  # the same on every rank: rank 0 says it
-        raise
     if world_size == 1:
         return DistInfo(device=device)
     if device.type == "cuda":
@@ -76,7 +68,7 @@ def init_distributed(device_name: str) -> DistInfo:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     cpu_group = dist.new_group(backend="gloo", timeout=COORDINATION_TIMEOUT)
-    return DistInfo(dist.get_rank(), world_size, local_rank, device, cpu_group)
+    return DistInfo(dist.get_rank(), world_size, device, cpu_group)
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -96,24 +88,21 @@ def fail_together(info: DistInfo):
     message), so a config error seen by 8 ranks is printed once. Also a barrier: a rank leaves the
     block only when all have finished it (e.g. the others wait here while rank 0 prepares data).
     """
+    if not info.distributed:
+        yield
+        return
     error = None
     try:
         yield
     except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
         error = e
-    if not info.distributed:
-        if error is not None:
-            raise error
-        return
     outcomes: list = [None] * info.world_size
     dist.all_gather_object(outcomes, None if error is None else _portable(error), group=info.cpu_group)
     failed = [(rank, e) for rank, e in enumerate(outcomes) if e is not None]
     if not failed:
         return
-    if error is None:
-        rank, error = failed[0]
-        error.reported_by = rank
-        raise error
+    if error is None:  # the lowest failing rank's
+        error = failed[0][1]
     error.reported_by = next((rank for rank, e in failed if type(e) is type(error) and str(e) == str(error)),
                              info.rank)
     raise error
@@ -142,12 +131,7 @@ def sum_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.distributed:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
-        if value.device.type != "cuda":  # gloo has no AVG
-            value /= info.world_size
-    return value
+    return sum_across_ranks(value, info) / info.world_size  # (gloo has no AVG)
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Module:
@@ -179,23 +163,13 @@ def forward_is_collective(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-@contextlib.contextmanager
 def gradient_sync(model: torch.nn.Module, enabled: bool):
-    """Backward inside this block reduces gradients across ranks only if `enabled` (the last
-    micro-batch of a step); otherwise they accumulate locally (DDP no_sync, FSDP2 requires_gradient_sync)."""
-    if enabled:
-        yield
-    elif hasattr(model, "no_sync"):
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
+    """The context of one micro-batch's backward: it reduces gradients across ranks only if `enabled` (the last
+    micro-batch of a step); otherwise they accumulate locally (DDP's no_sync; FSDP2's requires_gradient_sync, set
+    for each micro-batch: the last one turns it back on)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    return model.no_sync() if not enabled and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -10,9 +10,7 @@ class StopOnSignal:
     """Within this block, `requested` names the first SIGINT/SIGTERM received (None until then)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = None
+    requested = None  # until a signal sets it on the instance
 
     def _handle(self, signum, frame) -> None:
         self.requested = signal.Signals(signum).name

@@ -92,16 +92,15 @@ class MetricsLogger:
         leaves a torn last line: it is dropped too (its step runs again)."""
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line]
-        records = []
+        lines, kept = [line for line in self.path.read_text().splitlines() if line], []
         for i, line in enumerate(lines):
             try:
-                records.append((json.loads(line), line))
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
             except json.JSONDecodeError:
                 if i < len(lines) - 1:  # only the last line can be cut short by a crash; anything else is damage
                     raise TrainingError(f"{self.path} line {i + 1} is not JSON: repair or delete that line, "
                                         "then resume") from None
-        kept = [line for record, line in records if record["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     @staticmethod

@@ -157,14 +157,13 @@ def is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> Optimizers:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = cfg.optimizer == "muon"
     # Muon orthogonalises each update matrix (Newton-Schulz), which only makes sense for a map between
     # hidden features: it gets the hidden matrices. Embedding rows see sparse, token-frequency-shaped
     # gradients and the head's rows are per-token too (Muon's authors keep both on AdamW), and norm gains
     # are not matrices: those stay on AdamW. With adamw, AdamW gets everything.
     hidden, decay, no_decay = [], [], []
-    for name, p in named:
+    for name, p in model.named_parameters():  # all trained: the model freezes none
         if muon and is_hidden_matrix(name, p):
             hidden.append(p)
         # AdamW decays only the matrices that mix features. Norm gains are scales, and the embedding is a

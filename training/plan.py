@@ -34,7 +34,7 @@ class Plan:
     # The run's options, read-only. train.init_from: the checkpoint's model and tokenizer adopted.
     # model.vocab_size: the one the tokenizer will have (the prepared data's replaces it in the run).
     cfg: DictConfig
-    world_size: int  # processes (torchrun's WORLD_SIZE)
+    device: torch.device  # this process's (train.device; under torchrun, cuda:LOCAL_RANK)
     init_from: Optional[Pretrained]  # train.init_from's weights, config and tokenizer; None: random weights
     resume: Optional[Path]  # the checkpoint folder to continue from (train.resume); None: start at step 0
     data: DataConfig  # the data to prepare, or to find in data.cache_dir ...
@@ -48,30 +48,26 @@ def make_plan(cfg: DictConfig, cli_overrides=()) -> Plan:
     writes none. `cli_overrides`: the command line's key=value pairs (init_from refuses model options that
     contradict the checkpoint's). Every rank makes the same plan: its errors are reported by rank 0."""
     try:
-        return _make_plan(cfg, cli_overrides)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+        pretrained = None
+        if cfg.train.init_from:
+            pretrained = load_pretrained(cfg.train.init_from)
+            adopt_pretrained_config(cfg, pretrained, cli_overrides)
+        validate(cfg, world_size)
+        data = OmegaConf.to_object(cfg.data)
+        cfg.model.vocab_size = expected_vocab_size(data, pretrained)
+        OmegaConf.set_readonly(cfg, True)
+        device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+        peak = peak_flops(device, cfg.train.peak_tflops)
+        with torch.device("meta"):  # the model's shapes alone, no memory
+            flops = flops_per_token(Transformer(OmegaConf.to_object(cfg.model)), cfg.train.seq_len)
+        return Plan(cfg=cfg, device=device, init_from=pretrained, resume=checkpoint_to_resume(cfg),
+                    data=data, data_dir=cache_folder(data),
+                    compile=compiles(cfg, device, world_size > 1, flops, peak), peak_flops=peak)
     except Exception as e:
         e.reported_by = 0
         raise
-
-
-def _make_plan(cfg: DictConfig, cli_overrides) -> Plan:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
-    pretrained = None
-    if cfg.train.init_from:
-        pretrained = load_pretrained(cfg.train.init_from)
-        adopt_pretrained_config(cfg, pretrained, cli_overrides)
-    validate(cfg, world_size)
-    data = OmegaConf.to_object(cfg.data)
-    cfg.model.vocab_size = expected_vocab_size(data, pretrained)
-    OmegaConf.set_readonly(cfg, True)
-    device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
-    peak = peak_flops(device, cfg.train.peak_tflops)
-    with torch.device("meta"):  # the model's shapes alone, no memory
-        flops = flops_per_token(Transformer(OmegaConf.to_object(cfg.model)), cfg.train.seq_len)
-    return Plan(cfg=cfg, world_size=world_size, init_from=pretrained, resume=checkpoint_to_resume(cfg),
-                data=data, data_dir=cache_folder(data),
-                compile=compiles(cfg, device, world_size > 1, flops, peak), peak_flops=peak)
 
 
 def expected_vocab_size(data: DataConfig, pretrained: Optional[Pretrained]) -> int:

@@ -80,8 +80,7 @@ def adopt_pretrained_config(cfg, pretrained, cli_overrides) -> None:
     if cfg.data.tokenizer_path not in (None, str(pretrained.tokenizer_path)):
         raise TrainConfigError(f"data.tokenizer_path={cfg.data.tokenizer_path} contradicts train.init_from: the "
                                "data is tokenized with the checkpoint's own tokenizer; drop data.tokenizer_path")
-    for key, value in saved.items():
-        cfg.model[key] = value
+    cfg.model.update(saved)
     cfg.data.tokenizer_path = str(pretrained.tokenizer_path)
 
 

@@ -8,10 +8,9 @@ from engine.sampling_params import SamplingParams
 
 
 @torch.no_grad()
-def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, device: torch.device,
-                temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> str:
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, device: torch.device, seed: int = 0) -> str:
     # A private generator: sampling must not move the global RNG, or a resumed run would diverge.
-    params = [SamplingParams(temperature=temperature, top_k=top_k, seed=seed)]
+    params = [SamplingParams(temperature=0.8, top_k=50, seed=seed)]
     generators = [make_generator(seed)]
     sampler = Sampler()
     ids = tokenizer.encode(prompt).ids

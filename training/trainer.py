@@ -100,29 +100,24 @@ def check_val_split(val_batches, cfg, world_size: int) -> None:
                         f"the {world_size} processes; lower train.seq_len or add data")
 
 
-def choose_attention(backend: str, device: torch.device) -> None:
-    """attention.backend's kernel, chosen once for the dtype attention runs in (bf16 under CUDA's autocast,
-    see Trainer.autocast; fp32 elsewhere): a kernel that cannot run stops the run before it starts."""
-    try:
-        choose_backend(backend, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    except ValueError as e:
-        raise TrainConfigError(str(e)) from None
-
-
 class Trainer:
     def __init__(self, plan: Plan):
         """Carry out `plan` (training/plan.py, make_plan): lock out_dir first, then prepare the data, build the
         model and optimizer, and load the state of train.resume's checkpoint or the weights of train.init_from's;
         then record the config in out_dir and open the logger."""
-        self.info = init_distributed(plan.cfg.train.device)
+        self.info = init_distributed(plan.device)
         self.device = self.info.device
         self.out_dir = Path(plan.cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.lock = None
         try:
-            self._lock_out_dir(plan.cfg.train)
+            # Rank 0 locks out_dir before anything else (training/run_dir.py): a second run on it stops here, before
+            # it prepares data or builds a model, and a folder holding a run is refused unless resumed or replaced.
+            with fail_together(self.info):
+                if self.info.is_main:
+                    self.lock, self._created = claim_out_dir(self.out_dir, bool(plan.cfg.train.resume),
+                                                             plan.cfg.train.overwrite)
             ckpt, pretrained = self._load_inputs(plan)
-            self.harness_tasks = self._load_eval_tasks()
             self._build_model(plan, ckpt, pretrained)
             with fail_together(self.info):
                 if self.info.is_main:
@@ -143,16 +138,9 @@ class Trainer:
         self._last_log = (self.progress.step, self.started)  # (step, time) of the last logged step
         self.logged_tok_s = []  # tokens/s of each logged step, for the summary
 
-    def _lock_out_dir(self, t) -> None:
-        """Rank 0 locks out_dir before anything else (training/run_dir.py): a second run on it stops here, before
-        it prepares data or builds a model, and a folder holding a run is refused unless resumed or replaced."""
-        with fail_together(self.info):
-            if self.info.is_main:
-                self.lock, self._created = claim_out_dir(self.out_dir, bool(t.resume), t.overwrite)
-
     def _load_inputs(self, plan: Plan):
-        """The data, the run's config (the plan's, with the prepared tokenizer's vocabulary) and the checkpoint to
-        resume, checked against it: everything that can fail on bad input, checked on every rank before the first
+        """The data, the run's config (the plan's, with the prepared tokenizer's vocabulary), the checkpoint to
+        resume, checked against it, and train.eval_tasks: everything that can fail on bad input, checked on every rank before the first
         collective. Returns (checkpoint to resume or None, init_from's checkpoint with rows for new tokens or None)."""
         info = self.info
         # An error on any rank is raised on every rank, so none waits forever. Rank 0 builds the token
@@ -169,13 +157,26 @@ class Trainer:
             vocab = self.data.vocab_size if pretrained is None else pretrained.config.vocab_size
             self.cfg = OmegaConf.merge(plan.cfg, {"model": {"vocab_size": vocab}})  # a new config, read-only too
             self.model_cfg = OmegaConf.to_object(self.cfg.model)  # validates: raises ConfigError on inconsistent dims
-            choose_attention(self.cfg.attention.backend, self.device)
+            # attention.backend's kernel, chosen once for the dtype attention runs in (bf16 under CUDA's autocast,
+            # see self.autocast; fp32 elsewhere): a kernel that cannot run stops the run before it starts.
+            try:
+                choose_backend(self.cfg.attention.backend, self.device,
+                               torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+            except ValueError as e:
+                raise TrainConfigError(str(e)) from None
             self.config_dict = OmegaConf.to_container(self.cfg, resolve=True)
             t = self.cfg.train
             self.batches = self.data.train_batches(t.seq_len, t.batch_size, self.cfg.seed, info.rank, info.world_size)
             check_val_split(self.data.val_batches(t.seq_len, t.batch_size, 1), self.cfg, info.world_size)
             self.eval_tokens, self.eval_bytes = self.data.val_text_size(t.seq_len, t.batch_size, t.eval_batches)
             ckpt = None if plan.resume is None else self._checkpoint_to_resume(plan.resume)
+            # train.eval_tasks, loaded once by rank 0, which scores them: (task manager, tasks) or None. A bad task
+            # stops the run here (train.py prints its EvalError as one line).
+            self.harness_tasks = None
+            if t.eval_tasks and info.is_main:
+                from evaluation.harness import load_tasks
+
+                self.harness_tasks = load_tasks(list(t.eval_tasks))
         return ckpt, pretrained
 
     def _checkpoint_to_resume(self, path: Path):
@@ -212,7 +213,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train, self.device.type)
         self.progress = Progress()
         if ckpt is not None:
-            self._resume(ckpt)
+            state = self._resume_state
+            load_full_state(self.model, self.optimizer, ckpt.model_state, state["optimizer"])  # collective under FSDP
+            restore_rng_state(state["rng"])
+            self.progress = Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
+            if self.info.is_main:
+                print(f"resumed from {ckpt.dir} at step {self.progress.step}")
         # The compiled model runs the training steps only: evaluation would compile a second (no-grad) graph,
         # 18 s on make train's model, for the few forward passes of each evaluation.
         self.fwd_model = compile_for_training(self.model, self.device) if plan.compile else self.model
@@ -233,29 +239,6 @@ class Trainer:
         if resumed and t.discard_later_checkpoints:
             for name in discard_later(self.ckpt_root, self.progress.step):
                 print(f"train.discard_later_checkpoints=true: deleted {self.ckpt_root / name}")
-
-    def _load_eval_tasks(self):
-        """train.eval_tasks, loaded once by rank 0, which scores them: (task manager, tasks) or None. A bad
-        task stops the run before its first step."""
-        from evaluation import EvalError
-
-        with fail_together(self.info):
-            if not self.cfg.train.eval_tasks or not self.info.is_main:
-                return None
-            from evaluation.harness import load_tasks
-
-            try:
-                return load_tasks(list(self.cfg.train.eval_tasks))
-            except EvalError as e:
-                raise TrainConfigError(str(e)) from None
-
-    def _resume(self, ckpt) -> None:
-        state = self._resume_state
-        load_full_state(self.model, self.optimizer, ckpt.model_state, state["optimizer"])  # collective under FSDP
-        restore_rng_state(state["rng"])
-        self.progress = Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
-        if self.info.is_main:
-            print(f"resumed from {ckpt.dir} at step {self.progress.step}")
 
     def elapsed(self) -> float:
         """Seconds of training in this run, resumed-from runs included."""
@@ -412,10 +395,9 @@ class Trainer:
         return record
 
     @timed("save_s")
-    def save(self, best: bool = False) -> Path:
+    def save(self, best: bool = False) -> None:
         """Checkpoint the current step (collective: every rank takes part; rank 0 writes)."""
         model_state, optim_state = full_state(self.model, self.optimizer)
-        path = None
         with fail_together(self.info):  # the others wait for rank 0's write; if it fails, every rank stops
             if self.info.is_main:
                 bad = [name for name, t in model_state.items() if not torch.isfinite(t).all()]
@@ -423,10 +405,9 @@ class Trainer:
                     raise TrainingError(f"not saving step {self.progress.step}: non-finite weights in {bad[0]}")
                 trainer_state = {"optimizer": optim_state, "rng": capture_rng_state(),
                                  **asdict(self.progress), "elapsed_s": self.elapsed()}
-                path = save_checkpoint(self.ckpt_root, self.progress.step, model_state, trainer_state,
+                save_checkpoint(self.ckpt_root, self.progress.step, model_state, trainer_state,
                                        self.config_dict, self.data.tokenizer_path, self.model_cfg.tie_embeddings,
                                        best=best, keep_last=self.cfg.train.keep_checkpoints)
-        return path
 
     def log_step(self, stats: dict) -> dict:
         """Log one step's numbers with throughput since the last logged step and the MFU it makes (none
