@@ -228,22 +228,27 @@ def _differences(rows: list[dict], by: tuple) -> list[str]:
     return diff
 
 
+def arm_name(row: dict, by: tuple) -> str:
+    """The run's values of the config keys `by`, e.g. "train.optimizer=muon, train.lr=0.004"."""
+    flat = flatten(row["_config"])
+    missing = [k for k in by if k not in flat]
+    if missing:
+        raise ReportError(f"--by {missing[0]}: no such key in the config of {row['run_dir']} (keys look like "
+                          "train.optimizer, model.dim, seed)")
+    return ", ".join(f"{k}={flat[k]}" for k in by)
+
+
 def arms(rows: list[dict], by: tuple) -> list[dict]:
     """The runs grouped into arms by their values of the config keys `by` (e.g. train.optimizer): each arm's
     final val bits/byte per seed, and the means over its seeds."""
     groups = {}
-    for r in rows:
-        flat = flatten(r["_config"])
-        missing = [k for k in by if k not in flat]
-        if missing:
-            raise ReportError(f"--by {missing[0]}: no such key in the config of {r['run_dir']} (keys look like "
-                              "train.optimizer, model.dim, seed)")
-        groups.setdefault(", ".join(f"{k}={flat.get(k)}" for k in by), []).append(r)
+    for r in rows:  # an arm per data source: runs on different data are never averaged together
+        groups.setdefault((arm_name(r, by), r["data"]), []).append(r)
     out = []
-    for name, runs in groups.items():
+    for (name, data), runs in groups.items():
         done = [r for r in runs if r["final_val_bpb"] is not None]
         mean = lambda key: statistics.mean(r[key] for r in done) if done else None  # noqa: E731
-        out.append({"arm": name, "bpb_by_seed": {r["_config"]["seed"]: r["final_val_bpb"] for r in runs},
+        out.append({"arm": name, "data": data, "bpb_by_seed": {r["_config"]["seed"]: r["final_val_bpb"] for r in runs},
                     "val_bpb": mean("final_val_bpb"), "val_loss": mean("final_val_loss"),
                     "minutes": statistics.mean(r["elapsed_s"] for r in runs) / 60,
                     "train_tokens_per_s": statistics.mean(r["train_tokens_per_s"] or 0.0 for r in runs)})
@@ -252,8 +257,9 @@ def arms(rows: list[dict], by: tuple) -> list[dict]:
 
 def arm_table(arm_rows: list[dict]) -> list[str]:
     seeds = sorted({s for a in arm_rows for s in a["bpb_by_seed"]})
-    cols = ["arm", *[f"seed {s}" for s in seeds], "mean val bits/byte", "mean val loss", "minutes", "train tok/s"]
-    return md_table(cols, [[a["arm"], *[fmt(a["bpb_by_seed"].get(s), ".4f") for s in seeds], fmt(a["val_bpb"], ".4f"),
+    cols = ["arm", "data", *[f"seed {s}" for s in seeds], "mean val bits/byte", "mean val loss", "minutes",
+            "train tok/s"]
+    return md_table(cols, [[a["arm"], str(a["data"]), *[fmt(a["bpb_by_seed"].get(s), ".4f") for s in seeds], fmt(a["val_bpb"], ".4f"),
                             fmt(a["val_loss"], ".4f"), fmt(a["minutes"], ".1f"), fmt(a["train_tokens_per_s"], ",.0f")]
                            for a in arm_rows])
 
@@ -546,6 +552,8 @@ def report(sweep: Path, out: Optional[Path] = None, decode: bool = False, batch:
     out = Path(out) if out is not None else sweep / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted((summarise_run(d, sweep) for d in find_runs(sweep)), key=sort_key)
+    for r in rows if by else ():  # the arms are the variants: runs of one wandb.name may differ in a key of `by`
+        r["variant"] = arm_name(r, by)
     try:
         seeds = {data: seed_summary(runs, quality(data)[0]) for data, runs in by_data(rows).items()}
     except SeedError as e:

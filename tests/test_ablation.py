@@ -195,10 +195,31 @@ def test_report_groups_seeds_into_arms(sweep, tmp_path):
     assert arm["val_bpb"] == pytest.approx((last[1337]["val_bpb"] + last[1338]["val_bpb"]) / 2)
     assert arm["val_loss"] == pytest.approx((last[1337]["val_loss"] + last[1338]["val_loss"]) / 2)
     md = (tmp_path / "r" / "ablation.md").read_text()
-    assert f"| data.source=text | {last[1337]['val_bpb']:.4f} | {last[1338]['val_bpb']:.4f} | " in md
+    assert f"| data.source=text | {arm['data']} | {last[1337]['val_bpb']:.4f} | {last[1338]['val_bpb']:.4f} | " in md
     assert "seed" not in res["differences"]  # what repeats an arm is not a difference between arms
     with pytest.raises(ablation_report.ReportError, match="--by train.optimzer: no such key"):
         ablation_report.report(two, tmp_path / "r", by=("train.optimzer",))
+
+
+def test_report_by_a_key_tells_apart_runs_of_one_name_and_seed(sweep, tmp_path):
+    """Two runs of one wandb.name and seed that differ in a key (train.fit_schedule, as a time-budget sweep
+    makes): without --by that key the report refuses them (which counts would be arbitrary); with it each is
+    its own arm and the seed table compares them."""
+    folder, _ = sweep
+    pair = tmp_path / "pair"
+    for i, fit in (("0", False), ("1", True)):
+        shutil.copytree(folder / i, pair / i)
+        cfg = pair / i / "checkpoints" / "latest" / "config.json"
+        c = json.loads(cfg.read_text())
+        c.update(seed=1337, model={**c["model"], "attention": "gqa"}, train={**c["train"], "fit_schedule": fit},
+                 wandb={**c["wandb"], "name": "same"})
+        cfg.write_text(json.dumps(c))
+    with pytest.raises(ablation_report.ReportError, match="two runs of same with seed 1337"):
+        ablation_report.report(pair, tmp_path / "r")
+    res = ablation_report.report(pair, tmp_path / "r", by=("train.fit_schedule",))
+    assert sorted(a["arm"] for a in res["arms"]) == ["train.fit_schedule=False", "train.fit_schedule=True"]
+    (summary,) = res["seeds"].values()
+    assert sorted(v["variant"] for v in summary) == ["train.fit_schedule=False", "train.fit_schedule=True"]
 
 
 def test_report_errors_are_one_line(tmp_path):
