@@ -259,8 +259,9 @@ def arm_table(arm_rows: list[dict]) -> list[str]:
     seeds = sorted({s for a in arm_rows for s in a["bpb_by_seed"]})
     cols = ["arm", "data", *[f"seed {s}" for s in seeds], "mean val bits/byte", "mean val loss", "minutes",
             "train tok/s"]
-    return md_table(cols, [[a["arm"], str(a["data"]), *[fmt(a["bpb_by_seed"].get(s), ".4f") for s in seeds], fmt(a["val_bpb"], ".4f"),
-                            fmt(a["val_loss"], ".4f"), fmt(a["minutes"], ".1f"), fmt(a["train_tokens_per_s"], ",.0f")]
+    return md_table(cols, [[a["arm"], str(a["data"]), *[fmt(a["bpb_by_seed"].get(s), ".4f") for s in seeds],
+                            fmt(a["val_bpb"], ".4f"), fmt(a["val_loss"], ".4f"), fmt(a["minutes"], ".1f"),
+                            fmt(a["train_tokens_per_s"], ",.0f")]
                            for a in arm_rows])
 
 

@@ -140,8 +140,9 @@ class Trainer:
 
     def _load_inputs(self, plan: Plan):
         """The data, the run's config (the plan's, with the prepared tokenizer's vocabulary), the checkpoint to
-        resume, checked against it, and train.eval_tasks: everything that can fail on bad input, checked on every rank before the first
-        collective. Returns (checkpoint to resume or None, init_from's checkpoint with rows for new tokens or None)."""
+        resume, checked against it, and train.eval_tasks: everything that can fail on bad input, checked on every
+        rank before the first collective. Returns (checkpoint to resume or None, init_from's checkpoint with rows
+        for new tokens or None)."""
         info = self.info
         # An error on any rank is raised on every rank, so none waits forever. Rank 0 builds the token
         # cache while the others wait, then they read it.
