@@ -238,12 +238,12 @@ def arm_name(row: dict, by: tuple) -> str:
     return ", ".join(f"{k}={flat[k]}" for k in by)
 
 
-def arms(rows: list[dict], by: tuple) -> list[dict]:
-    """The runs grouped into arms by their values of the config keys `by` (e.g. train.optimizer): each arm's
-    final val bits/byte per seed, and the means over its seeds."""
+def arms(rows: list[dict]) -> list[dict]:
+    """The runs grouped into arms by their variant, which report() has set to their values of --by's keys (see
+    arm_name): each arm's final val bits/byte per seed, and the means over its seeds."""
     groups = {}
     for r in rows:  # an arm per data source: runs on different data are never averaged together
-        groups.setdefault((arm_name(r, by), r["data"]), []).append(r)
+        groups.setdefault((r["variant"], r["data"]), []).append(r)
     out = []
     for (name, data), runs in groups.items():
         done = [r for r in runs if r["final_val_bpb"] is not None]
@@ -565,7 +565,7 @@ def report(sweep: Path, out: Optional[Path] = None, decode: bool = False, batch:
     served = serving_rows(rows, sweep, serving) if serving is not None else None
     plots = make_plots(rows, seeds, out)
     diffs = config_differences(rows, by)
-    arm_rows = arms(rows, by) if by else []
+    arm_rows = arms(rows) if by else []
     (out / "ablation.md").write_text(markdown(rows, sweep, plots, diffs, batch, decode, seeds, arm_rows, served,
                                               serving))
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
